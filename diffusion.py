@@ -1,0 +1,496 @@
+"""
+A character-level discrete diffusion model: Score Entropy Discrete Diffusion (SEDD,
+Lou, Meng & Ermon, ICML 2024, arXiv:2310.16834), built from the GPT of gpt.py.
+
+    python diffusion.py --train     train on data/ (see prepare.py) and save out/diffusion.pt
+    python diffusion.py             sample from out/diffusion.pt, or the shipped weights/diffusion.pt
+    python diffusion.py --eval      validation NELBO (an upper bound on the loss) in bits per character
+
+Instead of predicting the next character, the model estimates the concrete score
+s(x_t)_y = p_t(y) / p_t(x_t): how much more likely the text would be, at noise level t, with one
+character changed to y. `diff gpt.py diffusion.py` shows every change; equations refer to the README.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KIND = 'diffusion'
+# hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
+defaults = dict(
+    n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model; diffusion: noise is regularisation enough
+    batch_size=32, max_iters=8000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation
+    weight_decay=0.1, grad_clip=1.0,
+    eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping
+    data_dir='data', out='out/diffusion.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
+)
+SHIPPED = 'weights/diffusion.pt'
+
+
+def die(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_data(data_dir):
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        die(f'no prepared data in {data_dir}/; run: python prepare.py (or python prepare.py --input FILE)')
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        meta = json.load(f)
+    split = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16) for s in ('train', 'val')}
+    return meta['vocab'], split
+
+
+EXTRA = 0  # diffusion: a window is its own target, no shifted copy
+
+
+def get_batch(data, batch_size, block_size, generator):
+    ix = torch.randint(len(data) - block_size - EXTRA + 1, (batch_size,), generator=generator)
+    return torch.stack([torch.from_numpy(data[i:i + block_size + EXTRA].astype(np.int64)) for i in ix.tolist()])
+
+
+def val_windows(data, block_size):
+    # non-overlapping windows covering the validation text, so --eval is deterministic
+    n = (len(data) - EXTRA) // block_size
+    return torch.from_numpy(data[:n * block_size + EXTRA].astype(np.int64)).unfold(0, block_size + EXTRA, block_size)
+
+# -----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class Config:
+    vocab_size: int = 65
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    block_size: int = 256
+    dropout: float = 0.0
+    graph: str = 'absorb'  # diffusion: the forward process, 'uniform' (Q = J/N - I) or 'absorb' (mask)
+
+
+CAUSAL = False  # diffusion: every position attends to the whole sequence
+
+
+def rotary(q, k):
+    # rotary position embeddings: rotate pairs of channels by an angle proportional to the position
+    T, hs = q.shape[-2], q.shape[-1]
+    freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
+    angles = torch.arange(T, device=q.device, dtype=torch.float32)[:, None] * freqs
+    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotate(q), rotate(k)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.c_attn(x).split(C, dim=2))
+        q, k = rotary(q, k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=CAUSAL)  # no attention dropout: it halves CPU speed
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size + (config.graph == 'absorb'), config.n_embd)  # diffusion: + mask
+        self.noise_mlp = nn.Sequential(nn.Linear(NOISE_FEATURES, config.n_embd), nn.SiLU(), nn.Linear(config.n_embd, config.n_embd))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx, sigma_bar):
+        """Log concrete scores log s(x_t)_y for every position and character y: (B, T, V)."""
+        x = self.drop(self.wte(idx) + self.noise_mlp(noise_features(sigma_bar))[:, None])  # diffusion: knows the noise level
+        for block in self.blocks:
+            x = block(x)
+        out = self.head(self.ln_f(x)).float()
+        if self.config.graph == 'absorb':
+            # exact form of the absorbing score: s_y = p(x_0 = y | x_t) / (e^sigma_bar - 1) at a mask
+            return out.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))[:, None, None]
+        return out.scatter(-1, idx[..., None], 0.0)  # s(x_t) at y = x_t is p_t(x_t) / p_t(x_t) = 1
+
+
+NOISE_FEATURES = 64
+
+
+def noise_features(sigma_bar):
+    # sinusoidal features of log sigma_bar, periods from 0.6 to 600 (log sigma_bar spans about -9 to 3)
+    freqs = 10 ** torch.linspace(1, -2, NOISE_FEATURES // 2, device=sigma_bar.device)
+    angles = torch.log(sigma_bar.float())[:, None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+# -----------------------------------------------------------------------------
+# noise schedule, forward process, score entropy (diffusion only)
+
+
+SIGMA_MIN, SIGMA_MAX = 1e-4, 20.0
+T_EPS = 1e-5  # keeps t inside (0, 1), where every sigma_bar is finite and positive
+
+
+def noise(t, graph):
+    """Total noise sigma_bar(t) and its rate sigma(t) = d sigma_bar / dt."""
+    if graph == 'uniform':  # geometric: sigma_bar(t) = smin^(1-t) smax^t
+        sigma_bar = SIGMA_MIN ** (1 - t) * SIGMA_MAX ** t
+        return sigma_bar, sigma_bar * math.log(SIGMA_MAX / SIGMA_MIN)
+    # absorb, log-linear: a character is masked with probability exactly t, all are at t = 1
+    return -torch.log1p(-t), 1 / (1 - t)
+
+
+def perturb(x0, sigma_bar, graph, vocab_size):
+    """Draw x_t ~ p_t|0(. | x_0) independently at every position."""
+    sigma_bar = sigma_bar[:, None]
+    if graph == 'absorb':  # masked (token id vocab_size) with probability 1 - e^-sigma_bar
+        return torch.where(torch.rand(x0.shape, device=x0.device) < -torch.expm1(-sigma_bar), vocab_size, x0)
+    # uniform (Eq. 3): stays with probability e^-sigma_bar + (1 - e^-sigma_bar) / N, else moves
+    # to one of the other N - 1 characters, each with probability (1 - e^-sigma_bar) / N
+    move = torch.rand(x0.shape, device=x0.device) < -torch.expm1(-sigma_bar) * (1 - 1 / vocab_size)
+    other = torch.randint(vocab_size - 1, x0.shape, device=x0.device)
+    return torch.where(move, other + (other >= x0), x0)  # skipping x_0 makes "other" uniform over the rest
+
+
+def score_entropy(log_score, sigma_bar, x_t, x0, graph):
+    """Score entropy at every position, Eq. 7 divided by sigma(t): (B, T).
+
+    sum over y != x_t of  Q(x_t, y) [s_y - a_y log s_y + K(a_y)],  K(a) = a (log a - 1),
+    with a_y = p_t|0(y | x_0) / p_t|0(x_t | x_0) the true ratio and Q the rate matrix without sigma(t).
+    Each term is a Bregman divergence: >= 0, and 0 exactly when s_y = a_y.
+    """
+    N = log_score.shape[-1]
+    esm1 = torch.expm1(sigma_bar)[:, None]
+    if graph == 'absorb':
+        # only a mask can jump, to each real character at rate 1, and a_y = [y = x_0] / (e^sigma_bar - 1)
+        a = 1 / esm1
+        loss = log_score.exp().sum(-1) - a * log_score.gather(-1, x0[..., None]).squeeze(-1) + a * (torch.log(a) - 1)
+        return torch.where(x_t == N, loss, 0.0)
+    # uniform: Q(x_t, y) = 1/N for every y != x_t. The annotated notebook divides by N - 1 instead,
+    # which makes its loss N/(N-1) times the bound; the rate matrix J/N - I gives 1/N.
+    at = lambda idx: log_score.gather(-1, idx[..., None]).squeeze(-1)
+    sum_s = log_score.exp().sum(-1) - at(x_t).exp()  # sums over y != x_t
+    sum_log_s = log_score.sum(-1) - at(x_t)
+    ratio = esm1 / (esm1 + N)  # (move / stay) of Eq. 3: a_y for every y when x_t = x_0
+    log_ratio = torch.log(esm1) - torch.log(esm1 + N)
+    stayed = (sum_s - ratio * sum_log_s + (N - 1) * ratio * (log_ratio - 1))
+    # x_t != x_0: a_y = 1 / ratio at y = x_0 and 1 for the other N - 2 characters (K(1) = -1)
+    inv_ratio = 1 + N / esm1
+    moved = sum_s - sum_log_s - (inv_ratio - 1) * at(x0) + inv_ratio * (-log_ratio - 1) - (N - 2)
+    return torch.where(x_t == x0, stayed, moved) / N
+
+
+def loss_fn(model, batch):
+    """Diffusion-weighted score entropy (DWDSE) in nats per character, averaged over the batch.
+
+    Its expectation over t ~ U(0, 1) bounds -log p(x_0) / T from above (the NELBO); the prior
+    term, KL(p_1|0 || p_base), is 0 for absorb and below 1e-7 nats for uniform at smax = 20.
+    """
+    B, graph = batch.shape[0], model.config.graph
+    t = ((torch.arange(B, device=batch.device) + torch.rand(B, device=batch.device)) / B).clamp(T_EPS, 1 - T_EPS)  # stratified
+    sigma_bar, sigma = noise(t, graph)
+    x_t = perturb(batch, sigma_bar, graph, model.config.vocab_size)
+    log_score = model(x_t, sigma_bar)
+    return (sigma[:, None] * score_entropy(log_score, sigma_bar, x_t, batch, graph)).mean()
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, ckpt):
+    # temp file in the same folder, fsync, rename: an interrupted save never corrupts the old file
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        die(f'no checkpoint at {path}; train one with: python {KIND}.py --train')
+    try:  # weights_only: a checkpoint is data, never code to run
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        die(f'{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again: python {KIND}.py --train')
+    if not isinstance(ckpt, dict) or 'kind' not in ckpt:
+        die(f'{path} is not a checkpoint of this project; train one with: python {KIND}.py --train')
+    if ckpt['kind'] != KIND:
+        die(f'{path} holds a {ckpt["kind"]} model; load it with {ckpt["kind"]}.py')
+    model = Transformer(Config(**ckpt['config']))
+    try:
+        model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
+    except RuntimeError:
+        die(f'{path} does not match this version of {KIND}.py; retrain with: python {KIND}.py --train')
+    return model, ckpt
+
+
+def default_checkpoint(out):
+    # your own training run wins over the shipped weights
+    return out if os.path.exists(out) else SHIPPED
+
+
+def autocast(device):
+    return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def get_lr(it, args):
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    progress = min(1.0, (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, split, args, generator):
+    model.eval()
+    out = {}
+    for name, data in split.items():
+        losses = []
+        for _ in range(args.eval_iters):
+            batch = get_batch(data, args.batch_size, args.block_size, generator).to(args.device)
+            with autocast(args.device):
+                losses.append(loss_fn(model, batch).item())
+        out[name] = sum(losses) / len(losses) / math.log(2)
+    model.train()
+    return out
+
+
+def train(args):
+    vocab, split = load_data(args.data_dir)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    config = Config(vocab_size=len(vocab), **{k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'graph')})
+    model = Transformer(config).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    step, summary = 0, dict(tokens=0, seconds=0.0)
+    if args.resume:
+        model, ckpt = load_checkpoint(args.out)
+        if ckpt['vocab'] != vocab:
+            die(f'{args.out} was trained on another vocabulary than {args.data_dir}/; prepare the same text or train afresh without --resume')
+        config, model = model.config, model.to(args.device)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step, summary = ckpt['step'], ckpt['summary']
+        generator.set_state(ckpt['rng']['batches'])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        print(f'resuming {args.out} from step {step}')
+    print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}')
+
+    def checkpoint(val_bpc=None):
+        summary.update(hardware=hardware(args.device), **({'val_bpc': val_bpc} if val_bpc is not None else {}))
+        save_checkpoint(args.out, dict(kind=KIND, config=asdict(config), vocab=vocab, model=model.state_dict(),
+                                       optimizer=optimizer.state_dict(), step=step, summary=summary,
+                                       rng=dict(batches=generator.get_state(), torch=torch.get_rng_state())))
+
+    stop = []  # Ctrl-C asks the loop to save and stop at the end of the current step
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    tokens_per_step = args.batch_size * config.block_size
+    t0, last_good = time.time(), None
+    while step < args.max_iters and not stop:
+        for group in optimizer.param_groups:
+            group['lr'] = get_lr(step, args)
+        batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
+        with autocast(args.device):
+            loss = loss_fn(model, batch)
+        if not math.isfinite(loss.item()):
+            die(f'loss became {loss.item()} at step {step}; the last good checkpoint ({last_good or "none"}) is kept; try a lower --lr')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        summary['tokens'] += tokens_per_step
+        summary['seconds'] += time.time() - t0
+        t0 = time.time()
+        if step % 10 == 0 or step == args.max_iters:
+            rate = summary['tokens'] / summary['seconds']
+            eta = (args.max_iters - step) * tokens_per_step / rate
+            print(f'step {step}/{args.max_iters} | loss {loss.item() / math.log(2):.3f} bits/char | '
+                  f'lr {get_lr(step - 1, args):.1e} | {rate / 1e3:.1f}k tok/s | ETA {eta / 60:.1f} min', flush=True)
+        if step % args.eval_interval == 0 or step == args.max_iters or stop:
+            losses = estimate_loss(model, split, args, generator)
+            print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
+            checkpoint(losses['val'])
+            last_good = args.out
+            t0 = time.time()
+    print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
+
+
+def hardware(device):
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name(device)
+    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+
+
+@torch.no_grad()
+def evaluate(model, ckpt, args):
+    # diffusion: the NELBO averages over random t and x_t, so every window is scored eval_passes
+    # times and the spread of the per-batch means gives the standard error
+    _, split = load_data(args.data_dir)
+    windows = val_windows(split['val'], model.config.block_size)
+    torch.manual_seed(args.seed)
+    means = []
+    for _ in range(args.eval_passes):
+        for i in range(0, len(windows) - args.batch_size + 1, args.batch_size):
+            with autocast(args.device):
+                means.append(loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() / math.log(2))
+    nelbo, se = np.mean(means), np.std(means, ddof=1) / math.sqrt(len(means))
+    print(f'validation NELBO: {nelbo:.4f} +- {se:.4f} bits/char ({len(means)} batches of {args.batch_size} windows of {model.config.block_size})')
+    if os.path.exists('weights/gpt.pt'):
+        gpt = torch.load('weights/gpt.pt', map_location='cpu', weights_only=True)
+        print(f'GPT (weights/gpt.pt): {gpt["summary"]["val_bpc"]:.4f} bits/char')
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def tweedie_probs(score, x, dsigma, graph):
+    """Unnormalised p(x_{t - dt} = y | x_t) = [exp(-dsigma Q) s]_y * exp(dsigma Q)(x_t, y) (Eq. 8)."""
+    N = score.shape[-1]
+    if graph == 'absorb':
+        # worked out for the mask: a mask becomes y with probability (e^dsigma - 1) s_y, stays
+        # a mask with the rest; a real character never changes
+        unmask = torch.expm1(dsigma) * score
+        probs = torch.cat([unmask, 1 - unmask.sum(-1, keepdim=True)], dim=-1)
+        return torch.where((x == N)[..., None], probs, F.one_hot(x, N + 1).to(probs))
+    staggered = dsigma.exp() * score + (1 - dsigma.exp()) * score.sum(-1, keepdim=True) / N  # exp(-dsigma Q) = J/N + e^dsigma (I - J/N)
+    transition = -torch.expm1(-dsigma) / N + (-dsigma).exp() * F.one_hot(x, N)  # exp(dsigma Q) = J/N + e^-dsigma (I - J/N)
+    return staggered * transition
+
+
+@torch.no_grad()
+def generate(model, num_samples, length, steps=128, device='cpu', callback=None):
+    """Denoise all positions at once with the Tweedie sampler. callback(step, x) sees every step."""
+    N, graph = model.config.vocab_size, model.config.graph
+    x = torch.full((num_samples, length), N, device=device) if graph == 'absorb' else torch.randint(N, (num_samples, length), device=device)
+    ts = torch.linspace(1 - T_EPS, T_EPS, steps + 1, device=device)
+    for step in range(steps + 1):
+        sigma_bar = noise(ts[step], graph)[0]
+        # the last step denoises from t = T_EPS all the way to sigma_bar = 0
+        dsigma = sigma_bar - (noise(ts[step + 1], graph)[0] if step < steps else 0)
+        with autocast(device):
+            score = model(x, sigma_bar.expand(num_samples)).exp()
+        probs = tweedie_probs(score, x, dsigma, graph)
+        if step == steps and graph == 'absorb':
+            probs = probs[..., :N]  # no mask survives the final step
+        x = (probs.clamp(min=0) / torch.empty_like(probs).exponential_()).argmax(-1)  # a draw proportional to probs
+        if callback:
+            callback(step, x)
+    return x
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--train', action='store_true', help='train a model and save it to --out')
+    p.add_argument('--resume', action='store_true', help='with --train: continue from the checkpoint at --out')
+    p.add_argument('--eval', action='store_true', help='print the validation loss of the checkpoint')
+    p.add_argument('--ckpt', help=f'checkpoint to sample or evaluate (default: --out if it exists, else {SHIPPED})')
+    p.add_argument('--num-samples', type=int, default=1)
+    p.add_argument('--length', type=int, default=256, help='characters per sample')
+    p.add_argument('--steps', type=int, default=128, help='denoising steps')
+    p.add_argument('--eval-passes', type=int, default=8, help='with --eval: scores of each validation window')
+    for k, v in defaults.items():
+        p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
+    args = p.parse_args(argv)
+    if not (args.device == 'cpu' or args.device.startswith('cuda')):
+        die(f'unknown device {args.device!r}; use cpu or cuda')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        die('--device cuda was asked for but CUDA is not available here; use --device cpu')
+    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'steps', 'eval_passes'):
+        if getattr(args, name) < 1:
+            die(f'--{name.replace("_", "-")} must be at least 1')
+    if args.graph not in ('uniform', 'absorb'):
+        die(f'unknown --graph {args.graph!r}; use uniform or absorb')
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.train:
+        return train(args)
+    path = args.ckpt or default_checkpoint(args.out)
+    model, ckpt = load_checkpoint(path)
+    model = model.to(args.device).eval()
+    s = ckpt['summary']
+    print(f'loaded {path} (step {ckpt["step"]}, {s["tokens"] / 1e6:.1f}M tokens, {s["seconds"] / 60:.1f} min on {s.get("hardware")}, '
+          f'val {s.get("val_bpc", float("nan")):.3f} bits/char)', file=sys.stderr)
+    if args.eval:
+        return evaluate(model, ckpt, args)
+    if args.length > model.config.block_size:
+        die(f'--length {args.length} is longer than the context of {model.config.block_size} characters')
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    x = generate(model, args.num_samples, args.length, args.steps, args.device)
+    for i, row in enumerate(x.tolist()):
+        print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))
+    print(f'{args.num_samples} x {args.length} characters in {time.time() - t0:.2f} s '
+          f'({args.steps + 1} forward passes)', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()

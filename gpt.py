@@ -1,0 +1,383 @@
+"""
+A character-level GPT: the autoregressive baseline that diffusion.py is compared with.
+
+    python gpt.py --train     train on data/ (see prepare.py) and save out/gpt.pt
+    python gpt.py             sample from out/gpt.pt, or the shipped weights/gpt.pt
+    python gpt.py --eval      validation loss in bits per character
+
+`diff gpt.py diffusion.py` shows everything that turns this model into a diffusion model.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KIND = 'gpt'
+# hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
+defaults = dict(
+    n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.1,  # model
+    batch_size=32, max_iters=2500, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation
+    weight_decay=0.1, grad_clip=1.0,
+    eval_interval=250, eval_iters=20, seed=1337,  # bookkeeping
+    data_dir='data', out='out/gpt.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
+)
+SHIPPED = 'weights/gpt.pt'
+
+
+def die(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_data(data_dir):
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        die(f'no prepared data in {data_dir}/; run: python prepare.py (or python prepare.py --input FILE)')
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        meta = json.load(f)
+    split = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16) for s in ('train', 'val')}
+    return meta['vocab'], split
+
+
+EXTRA = 1  # a window holds one character more than the context: the target of its last position
+
+
+def get_batch(data, batch_size, block_size, generator):
+    ix = torch.randint(len(data) - block_size - EXTRA + 1, (batch_size,), generator=generator)
+    return torch.stack([torch.from_numpy(data[i:i + block_size + EXTRA].astype(np.int64)) for i in ix.tolist()])
+
+
+def val_windows(data, block_size):
+    # non-overlapping windows covering the validation text, so --eval is deterministic
+    n = (len(data) - EXTRA) // block_size
+    return torch.from_numpy(data[:n * block_size + EXTRA].astype(np.int64)).unfold(0, block_size + EXTRA, block_size)
+
+# -----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class Config:
+    vocab_size: int = 65
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    block_size: int = 256
+    dropout: float = 0.0
+
+
+CAUSAL = True  # each position attends only to itself and the positions before it
+
+
+def rotary(q, k):
+    # rotary position embeddings: rotate pairs of channels by an angle proportional to the position
+    T, hs = q.shape[-2], q.shape[-1]
+    freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
+    angles = torch.arange(T, device=q.device, dtype=torch.float32)[:, None] * freqs
+    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotate(q), rotate(k)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.c_attn(x).split(C, dim=2))
+        q, k = rotary(q, k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=CAUSAL)  # no attention dropout: it halves CPU speed
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx):
+        """Logits of the next character at every position: (B, T, V)."""
+        x = self.drop(self.wte(idx))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x)).float()
+
+
+def loss_fn(model, batch):
+    """Next-character cross-entropy in nats, averaged over the positions of the batch."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, ckpt):
+    # temp file in the same folder, fsync, rename: an interrupted save never corrupts the old file
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        die(f'no checkpoint at {path}; train one with: python {KIND}.py --train')
+    try:  # weights_only: a checkpoint is data, never code to run
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        die(f'{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again: python {KIND}.py --train')
+    if not isinstance(ckpt, dict) or 'kind' not in ckpt:
+        die(f'{path} is not a checkpoint of this project; train one with: python {KIND}.py --train')
+    if ckpt['kind'] != KIND:
+        die(f'{path} holds a {ckpt["kind"]} model; load it with {ckpt["kind"]}.py')
+    model = Transformer(Config(**ckpt['config']))
+    try:
+        model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
+    except RuntimeError:
+        die(f'{path} does not match this version of {KIND}.py; retrain with: python {KIND}.py --train')
+    return model, ckpt
+
+
+def default_checkpoint(out):
+    # your own training run wins over the shipped weights
+    return out if os.path.exists(out) else SHIPPED
+
+
+def autocast(device):
+    return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def get_lr(it, args):
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    progress = min(1.0, (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, split, args, generator):
+    model.eval()
+    out = {}
+    for name, data in split.items():
+        losses = []
+        for _ in range(args.eval_iters):
+            batch = get_batch(data, args.batch_size, args.block_size, generator).to(args.device)
+            with autocast(args.device):
+                losses.append(loss_fn(model, batch).item())
+        out[name] = sum(losses) / len(losses) / math.log(2)
+    model.train()
+    return out
+
+
+def train(args):
+    vocab, split = load_data(args.data_dir)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    config = Config(vocab_size=len(vocab), **{k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout')})
+    model = Transformer(config).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    step, summary = 0, dict(tokens=0, seconds=0.0)
+    if args.resume:
+        model, ckpt = load_checkpoint(args.out)
+        if ckpt['vocab'] != vocab:
+            die(f'{args.out} was trained on another vocabulary than {args.data_dir}/; prepare the same text or train afresh without --resume')
+        config, model = model.config, model.to(args.device)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step, summary = ckpt['step'], ckpt['summary']
+        generator.set_state(ckpt['rng']['batches'])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        print(f'resuming {args.out} from step {step}')
+    print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}')
+
+    def checkpoint(val_bpc=None):
+        summary.update(hardware=hardware(args.device), **({'val_bpc': val_bpc} if val_bpc is not None else {}))
+        save_checkpoint(args.out, dict(kind=KIND, config=asdict(config), vocab=vocab, model=model.state_dict(),
+                                       optimizer=optimizer.state_dict(), step=step, summary=summary,
+                                       rng=dict(batches=generator.get_state(), torch=torch.get_rng_state())))
+
+    stop = []  # Ctrl-C asks the loop to save and stop at the end of the current step
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    tokens_per_step = args.batch_size * config.block_size
+    t0, last_good = time.time(), None
+    while step < args.max_iters and not stop:
+        for group in optimizer.param_groups:
+            group['lr'] = get_lr(step, args)
+        batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
+        with autocast(args.device):
+            loss = loss_fn(model, batch)
+        if not math.isfinite(loss.item()):
+            die(f'loss became {loss.item()} at step {step}; the last good checkpoint ({last_good or "none"}) is kept; try a lower --lr')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        summary['tokens'] += tokens_per_step
+        summary['seconds'] += time.time() - t0
+        t0 = time.time()
+        if step % 10 == 0 or step == args.max_iters:
+            rate = summary['tokens'] / summary['seconds']
+            eta = (args.max_iters - step) * tokens_per_step / rate
+            print(f'step {step}/{args.max_iters} | loss {loss.item() / math.log(2):.3f} bits/char | '
+                  f'lr {get_lr(step - 1, args):.1e} | {rate / 1e3:.1f}k tok/s | ETA {eta / 60:.1f} min', flush=True)
+        if step % args.eval_interval == 0 or step == args.max_iters or stop:
+            losses = estimate_loss(model, split, args, generator)
+            print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
+            checkpoint(losses['val'])
+            last_good = args.out
+            t0 = time.time()
+    print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
+
+
+def hardware(device):
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name(device)
+    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+
+
+@torch.no_grad()
+def evaluate(model, ckpt, args):
+    _, split = load_data(args.data_dir)
+    windows = val_windows(split['val'], model.config.block_size)
+    total = 0.0
+    for i in range(0, len(windows), args.batch_size):
+        with autocast(args.device):
+            total += loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() * len(windows[i:i + args.batch_size])
+    print(f'validation loss: {total / len(windows) / math.log(2):.4f} bits/char '
+          f'({total / len(windows):.4f} nats/char, {len(windows)} windows of {model.config.block_size})')
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+@torch.no_grad()
+def generate(model, num_samples, length, temperature=1.0, device='cpu', callback=None):
+    """Sample left to right, one character per forward pass. callback(step, x) sees every step."""
+    x = torch.zeros(num_samples, 1, dtype=torch.long, device=device)  # index 0 ('\n' for Shakespeare) starts every sample
+    for step in range(length):
+        with autocast(device):
+            logits = model(x[:, -model.config.block_size:])[:, -1]
+        x = torch.cat([x, torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)], dim=1)
+        if callback:
+            callback(step, x[:, 1:])
+    return x[:, 1:]
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--train', action='store_true', help='train a model and save it to --out')
+    p.add_argument('--resume', action='store_true', help='with --train: continue from the checkpoint at --out')
+    p.add_argument('--eval', action='store_true', help='print the validation loss of the checkpoint')
+    p.add_argument('--ckpt', help=f'checkpoint to sample or evaluate (default: --out if it exists, else {SHIPPED})')
+    p.add_argument('--num-samples', type=int, default=1)
+    p.add_argument('--length', type=int, default=256, help='characters per sample')
+    p.add_argument('--temperature', type=float, default=1.0)
+    for k, v in defaults.items():
+        p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
+    args = p.parse_args(argv)
+    if not (args.device == 'cpu' or args.device.startswith('cuda')):
+        die(f'unknown device {args.device!r}; use cpu or cuda')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        die('--device cuda was asked for but CUDA is not available here; use --device cpu')
+    for name in ('num_samples', 'length', 'max_iters', 'batch_size'):
+        if getattr(args, name) < 1:
+            die(f'--{name.replace("_", "-")} must be at least 1')
+    if args.temperature <= 0:
+        die('--temperature must be above 0')
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.train:
+        return train(args)
+    path = args.ckpt or default_checkpoint(args.out)
+    model, ckpt = load_checkpoint(path)
+    model = model.to(args.device).eval()
+    s = ckpt['summary']
+    print(f'loaded {path} (step {ckpt["step"]}, {s["tokens"] / 1e6:.1f}M tokens, {s["seconds"] / 60:.1f} min on {s.get("hardware")}, '
+          f'val {s.get("val_bpc", float("nan")):.3f} bits/char)', file=sys.stderr)
+    if args.eval:
+        return evaluate(model, ckpt, args)
+    if args.length > model.config.block_size:
+        die(f'--length {args.length} is longer than the context of {model.config.block_size} characters')
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    x = generate(model, args.num_samples, args.length, args.temperature, args.device)
+    for i, row in enumerate(x.tolist()):
+        print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))
+    print(f'{args.num_samples} x {args.length} characters in {time.time() - t0:.2f} s '
+          f'({args.length} forward passes)', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()
