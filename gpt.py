@@ -33,14 +33,12 @@ defaults = dict(
 )
 SHIPPED = 'weights/gpt.pt'
 
-
 def die(msg):
     print(f'error: {msg}', file=sys.stderr)
     sys.exit(2)
 
 # -----------------------------------------------------------------------------
 # data
-
 
 def load_data(data_dir):
     if not os.path.exists(os.path.join(data_dir, 'meta.json')):
@@ -50,14 +48,11 @@ def load_data(data_dir):
     split = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16) for s in ('train', 'val')}
     return meta['vocab'], split
 
-
 EXTRA = 1  # a window holds one character more than the context: the target of its last position
-
 
 def get_batch(data, batch_size, block_size, generator):
     ix = torch.randint(len(data) - block_size - EXTRA + 1, (batch_size,), generator=generator)
     return torch.stack([torch.from_numpy(data[i:i + block_size + EXTRA].astype(np.int64)) for i in ix.tolist()])
-
 
 def val_windows(data, block_size):
     # non-overlapping windows covering the validation text, so --eval is deterministic
@@ -66,7 +61,6 @@ def val_windows(data, block_size):
 
 # -----------------------------------------------------------------------------
 # model
-
 
 @dataclass
 class Config:
@@ -77,9 +71,7 @@ class Config:
     block_size: int = 256
     dropout: float = 0.0
 
-
 CAUSAL = True  # each position attends only to itself and the positions before it
-
 
 def rotary(q, k):
     # rotary position embeddings: rotate pairs of channels by an angle proportional to the position
@@ -92,7 +84,6 @@ def rotary(q, k):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotate(q), rotate(k)
-
 
 class SelfAttention(nn.Module):
     def __init__(self, config):
@@ -109,7 +100,6 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=CAUSAL)  # no attention dropout: it halves CPU speed
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -119,7 +109,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
-
 
 class Block(nn.Module):
     def __init__(self, config):
@@ -132,7 +121,6 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
-
 
 class Transformer(nn.Module):
     def __init__(self, config):
@@ -161,7 +149,6 @@ class Transformer(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x)).float()
 
-
 def loss_fn(model, batch):
     """Next-character cross-entropy in nats, averaged over the positions of the batch."""
     logits = model(batch[:, :-1])
@@ -169,7 +156,6 @@ def loss_fn(model, batch):
 
 # -----------------------------------------------------------------------------
 # checkpoints
-
 
 def save_checkpoint(path, ckpt):
     # temp file in the same folder, fsync, rename: an interrupted save never corrupts the old file
@@ -180,7 +166,6 @@ def save_checkpoint(path, ckpt):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
 
 def load_checkpoint(path):
     if not os.path.exists(path):
@@ -200,11 +185,9 @@ def load_checkpoint(path):
         die(f'{path} does not match this version of {KIND}.py; retrain with: python {KIND}.py --train')
     return model, ckpt
 
-
 def default_checkpoint(out):
     # your own training run wins over the shipped weights
     return out if os.path.exists(out) else SHIPPED
-
 
 def autocast(device):
     return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
@@ -212,13 +195,11 @@ def autocast(device):
 # -----------------------------------------------------------------------------
 # training
 
-
 def get_lr(it, args):
     if it < args.warmup_iters:
         return args.lr * (it + 1) / args.warmup_iters
     progress = min(1.0, (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
-
 
 @torch.no_grad()
 def estimate_loss(model, split, args, generator):
@@ -227,27 +208,27 @@ def estimate_loss(model, split, args, generator):
     for name, data in split.items():
         losses = []
         for _ in range(args.eval_iters):
-            batch = get_batch(data, args.batch_size, args.block_size, generator).to(args.device)
+            batch = get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)
             with autocast(args.device):
                 losses.append(loss_fn(model, batch).item())
         out[name] = sum(losses) / len(losses) / math.log(2)
     model.train()
     return out
 
-
 def train(args):
     vocab, split = load_data(args.data_dir)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     config = Config(vocab_size=len(vocab), **{k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout')})
-    model = Transformer(config).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    step, summary = 0, dict(tokens=0, seconds=0.0)
+    model, step, summary = Transformer(config), 0, dict(tokens=0, seconds=0.0)
     if args.resume:
         model, ckpt = load_checkpoint(args.out)
         if ckpt['vocab'] != vocab:
             die(f'{args.out} was trained on another vocabulary than {args.data_dir}/; prepare the same text or train afresh without --resume')
-        config, model = model.config, model.to(args.device)
+        config = model.config
+    model = model.to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    if args.resume:
         optimizer.load_state_dict(ckpt['optimizer'])
         step, summary = ckpt['step'], ckpt['summary']
         generator.set_state(ckpt['rng']['batches'])
@@ -255,8 +236,9 @@ def train(args):
         print(f'resuming {args.out} from step {step}')
     print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}')
 
-    def checkpoint(val_bpc=None):
-        summary.update(hardware=hardware(args.device), **({'val_bpc': val_bpc} if val_bpc is not None else {}))
+    def checkpoint(val_bpc):
+        summary.update(val_bpc=val_bpc, hardware=torch.cuda.get_device_name() if 'cuda' in args.device
+                       else f'{platform.machine()} CPU, {torch.get_num_threads()} threads')
         save_checkpoint(args.out, dict(kind=KIND, config=asdict(config), vocab=vocab, model=model.state_dict(),
                                        optimizer=optimizer.state_dict(), step=step, summary=summary,
                                        rng=dict(batches=generator.get_state(), torch=torch.get_rng_state())))
@@ -292,29 +274,27 @@ def train(args):
             checkpoint(losses['val'])
             last_good = args.out
             t0 = time.time()
+    if step == args.max_iters:  # the figure stored with the model: the whole validation set
+        checkpoint(evaluate(model, args))
     print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
 
-
-def hardware(device):
-    if device.startswith('cuda'):
-        return torch.cuda.get_device_name(device)
-    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
-
-
 @torch.no_grad()
-def evaluate(model, ckpt, args):
+def evaluate(model, args):
+    """Validation loss in bits/char over every full batch of non-overlapping validation windows."""
+    model.eval()
     _, split = load_data(args.data_dir)
     windows = val_windows(split['val'], model.config.block_size)
-    total = 0.0
-    for i in range(0, len(windows), args.batch_size):
+    torch.manual_seed(args.seed)
+    means = []
+    for i in range(0, len(windows) - args.batch_size + 1, args.batch_size):
         with autocast(args.device):
-            total += loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() * len(windows[i:i + args.batch_size])
-    print(f'validation loss: {total / len(windows) / math.log(2):.4f} bits/char '
-          f'({total / len(windows):.4f} nats/char, {len(windows)} windows of {model.config.block_size})')
+            means.append(loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() / math.log(2))
+    print(f'validation loss: {np.mean(means):.4f} bits/char ({len(means)} batches of {args.batch_size} windows of {model.config.block_size})')
+    model.train()
+    return float(np.mean(means))
 
 # -----------------------------------------------------------------------------
 # sampling
-
 
 @torch.no_grad()
 def generate(model, num_samples, length, temperature=1.0, device='cpu', callback=None):
@@ -331,13 +311,13 @@ def generate(model, num_samples, length, temperature=1.0, device='cpu', callback
 # -----------------------------------------------------------------------------
 # command line
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--train', action='store_true', help='train a model and save it to --out')
     p.add_argument('--resume', action='store_true', help='with --train: continue from the checkpoint at --out')
     p.add_argument('--eval', action='store_true', help='print the validation loss of the checkpoint')
     p.add_argument('--ckpt', help=f'checkpoint to sample or evaluate (default: --out if it exists, else {SHIPPED})')
+    p.add_argument('--export', metavar='PATH', help='save the checkpoint without its optimizer state, for shipping')
     p.add_argument('--num-samples', type=int, default=1)
     p.add_argument('--length', type=int, default=256, help='characters per sample')
     p.add_argument('--temperature', type=float, default=1.0)
@@ -355,7 +335,6 @@ def parse_args(argv=None):
         die('--temperature must be above 0')
     return args
 
-
 def main():
     args = parse_args()
     if args.train:
@@ -366,8 +345,11 @@ def main():
     s = ckpt['summary']
     print(f'loaded {path} (step {ckpt["step"]}, {s["tokens"] / 1e6:.1f}M tokens, {s["seconds"] / 60:.1f} min on {s.get("hardware")}, '
           f'val {s.get("val_bpc", float("nan")):.3f} bits/char)', file=sys.stderr)
+    if args.export:
+        save_checkpoint(args.export, {k: v for k, v in ckpt.items() if k not in ('optimizer', 'rng')})
+        return print(f'wrote {args.export}')
     if args.eval:
-        return evaluate(model, ckpt, args)
+        return evaluate(model, args)
     if args.length > model.config.block_size:
         die(f'--length {args.length} is longer than the context of {model.config.block_size} characters')
     torch.manual_seed(args.seed)
@@ -377,7 +359,6 @@ def main():
         print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))
     print(f'{args.num_samples} x {args.length} characters in {time.time() - t0:.2f} s '
           f'({args.length} forward passes)', file=sys.stderr)
-
 
 if __name__ == '__main__':
     main()
