@@ -1,14 +1,13 @@
 """
-A character-level discrete diffusion model: Score Entropy Discrete Diffusion (SEDD,
-Lou, Meng & Ermon, ICML 2024, arXiv:2310.16834), built from the GPT of gpt.py.
+A character-level Score Entropy Discrete Diffusion model (SEDD, Lou, Meng & Ermon, arXiv:2310.16834),
+made from the GPT of gpt.py. Instead of the next character, it estimates the concrete score
+s(x_t)_y = p_t(y) / p_t(x_t): how much likelier the noisy text would be with one character changed to y.
 
     python diffusion.py --train     train on data/ (see prepare.py) and save out/diffusion.pt
     python diffusion.py             sample from out/diffusion.pt, or the shipped weights/diffusion.pt
     python diffusion.py --eval      validation NELBO (an upper bound on the loss) in bits per character
 
-Instead of predicting the next character, the model estimates the concrete score
-s(x_t)_y = p_t(y) / p_t(x_t): how much more likely the text would be, at noise level t, with one
-character changed to y. `diff gpt.py diffusion.py` shows every change; equations refer to the README.
+`diff gpt.py diffusion.py` shows every change; the equation numbers are the README's.
 """
 import argparse
 import json
@@ -83,7 +82,6 @@ def rotary(q, k):
     freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
     angles = torch.arange(T, device=q.device, dtype=torch.float32)[:, None] * freqs
     cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
-
     def rotate(x):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -131,21 +129,16 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size + (config.graph == 'absorb'), config.n_embd)  # diffusion: + mask
-        self.noise_mlp = nn.Sequential(nn.Linear(NOISE_FEATURES, config.n_embd), nn.SiLU(), nn.Linear(config.n_embd, config.n_embd))
+        self.noise_mlp = nn.Sequential(nn.Linear(64, config.n_embd), nn.SiLU(), nn.Linear(config.n_embd, config.n_embd))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith('c_proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, 'bias', None) is not None:
-                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():  # GPT-2's init, residual projections scaled down by depth
+            if name.endswith('bias'):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith('c_proj.weight') else 0.02)
 
     def forward(self, idx, sigma_bar):
         """Log concrete scores log s(x_t)_y for every position and character y: (B, T, V)."""
@@ -158,11 +151,9 @@ class Transformer(nn.Module):
             return out.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))[:, None, None]
         return out.scatter(-1, idx[..., None], 0.0)  # s(x_t) at y = x_t is p_t(x_t) / p_t(x_t) = 1
 
-NOISE_FEATURES = 64
-
 def noise_features(sigma_bar):
-    # sinusoidal features of log sigma_bar, periods from 0.6 to 600 (log sigma_bar spans about -9 to 3)
-    freqs = 10 ** torch.linspace(1, -2, NOISE_FEATURES // 2, device=sigma_bar.device)
+    # 64 sinusoidal features of log sigma_bar, periods from 0.6 to 600 (log sigma_bar spans about -9 to 3)
+    freqs = 10 ** torch.linspace(1, -2, 32, device=sigma_bar.device)
     angles = torch.log(sigma_bar.float())[:, None] * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
@@ -192,12 +183,9 @@ def perturb(x0, sigma_bar, graph, vocab_size):
     return torch.where(move, other + (other >= x0), x0)  # skipping x_0 makes "other" uniform over the rest
 
 def score_entropy(log_score, sigma_bar, x_t, x0, graph):
-    """Score entropy at every position, Eq. 7 divided by sigma(t): (B, T).
-
-    sum over y != x_t of  Q(x_t, y) [s_y - a_y log s_y + K(a_y)],  K(a) = a (log a - 1),
-    with a_y = p_t|0(y | x_0) / p_t|0(x_t | x_0) the true ratio and Q the rate matrix without sigma(t).
-    Each term is a Bregman divergence: >= 0, and 0 exactly when s_y = a_y.
-    """
+    """Score entropy at every position, Eq. 7 without its factor sigma(t): (B, T). It sums over y != x_t
+    Q(x_t, y) [s_y - a_y log s_y + K(a_y)], K(a) = a (log a - 1), a_y = p_t|0(y | x_0) / p_t|0(x_t | x_0),
+    Q the rate matrix. Each term is a Bregman divergence: >= 0, and 0 exactly when s_y = a_y."""
     N = log_score.shape[-1]
     esm1 = torch.expm1(sigma_bar)[:, None]
     if graph == 'absorb':
@@ -212,18 +200,16 @@ def score_entropy(log_score, sigma_bar, x_t, x0, graph):
     sum_log_s = log_score.sum(-1) - at(x_t)
     ratio = esm1 / (esm1 + N)  # (move / stay) of Eq. 3: a_y for every y when x_t = x_0
     log_ratio = torch.log(esm1) - torch.log(esm1 + N)
-    stayed = (sum_s - ratio * sum_log_s + (N - 1) * ratio * (log_ratio - 1))
+    stayed = sum_s - ratio * sum_log_s + (N - 1) * ratio * (log_ratio - 1)
     # x_t != x_0: a_y = 1 / ratio at y = x_0 and 1 for the other N - 2 characters (K(1) = -1)
     inv_ratio = 1 + N / esm1
     moved = sum_s - sum_log_s - (inv_ratio - 1) * at(x0) + inv_ratio * (-log_ratio - 1) - (N - 2)
     return torch.where(x_t == x0, stayed, moved) / N
 
 def loss_fn(model, batch):
-    """Diffusion-weighted score entropy (DWDSE) in nats per character, averaged over the batch.
-
-    Its expectation over t ~ U(0, 1) bounds -log p(x_0) / T from above (the NELBO); the prior
-    term, KL(p_1|0 || p_base), is 0 for absorb and below 1e-7 nats for uniform at smax = 20.
-    """
+    """Diffusion-weighted score entropy (DWDSE) in nats per character, averaged over the batch. Its mean
+    over t ~ U(0, 1) bounds -log p(x_0) / T from above (the NELBO), leaving out the prior term
+    KL(p_1|0 || p_base): 0 for absorb, below 1e-7 nats for uniform at smax = 20."""
     B, graph = batch.shape[0], model.config.graph
     t = ((torch.arange(B, device=batch.device) + torch.rand(B, device=batch.device)) / B).clamp(T_EPS, 1 - T_EPS)  # stratified
     sigma_bar, sigma = noise(t, graph)
@@ -263,8 +249,7 @@ def load_checkpoint(path):
     return model, ckpt
 
 def default_checkpoint(out):
-    # your own training run wins over the shipped weights
-    return out if os.path.exists(out) else SHIPPED
+    return out if os.path.exists(out) else SHIPPED  # your own training run wins over the shipped weights
 
 def autocast(device):
     return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
@@ -279,16 +264,18 @@ def get_lr(it, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 @torch.no_grad()
-def estimate_loss(model, split, args, generator):
+def estimate_loss(model, split, args):
     model.eval()
     out = {}
-    for name, data in split.items():
-        losses = []
-        for _ in range(args.eval_iters):
-            batch = get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)
-            with autocast(args.device):
-                losses.append(loss_fn(model, batch).item())
-        out[name] = sum(losses) / len(losses) / math.log(2)
+    with torch.random.fork_rng():  # evaluating leaves the training's random numbers alone, so resuming is exact
+        generator = torch.Generator().manual_seed(args.seed)  # the same batches at every evaluation
+        for name, data in split.items():
+            losses = []
+            for _ in range(args.eval_iters):
+                batch = get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)
+                with autocast(args.device):
+                    losses.append(loss_fn(model, batch).item())
+            out[name] = sum(losses) / len(losses) / math.log(2)
     model.train()
     return out
 
@@ -325,8 +312,7 @@ def train(args):
     tokens_per_step = args.batch_size * config.block_size
     t0, last_good = time.time(), None
     while step < args.max_iters and not stop:
-        for group in optimizer.param_groups:
-            group['lr'] = get_lr(step, args)
+        optimizer.param_groups[0]['lr'] = get_lr(step, args)
         batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
         with autocast(args.device):
             loss = loss_fn(model, batch)
@@ -346,34 +332,30 @@ def train(args):
             print(f'step {step}/{args.max_iters} | loss {loss.item() / math.log(2):.3f} bits/char | '
                   f'lr {get_lr(step - 1, args):.1e} | {rate / 1e3:.1f}k tok/s | ETA {eta / 60:.1f} min', flush=True)
         if step % args.eval_interval == 0 or step == args.max_iters or stop:
-            losses = estimate_loss(model, split, args, generator)
+            losses = estimate_loss(model, split, args)
             print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
             checkpoint(losses['val'])
             last_good = args.out
             t0 = time.time()
     if step == args.max_iters:  # the figure stored with the model: the whole validation set
-        checkpoint(evaluate(model, args))
+        with torch.random.fork_rng():
+            checkpoint(evaluate(model, args))
     print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
 
 @torch.no_grad()
 def evaluate(model, args):
     """Validation loss in bits/char over every full batch of non-overlapping validation windows."""
-    # diffusion: the NELBO averages over random t and x_t, so every window is scored eval_passes
-    # times and the spread of the per-batch means gives the standard error
     model.eval()
     _, split = load_data(args.data_dir)
     windows = val_windows(split['val'], model.config.block_size)
     torch.manual_seed(args.seed)
     means = []
-    for _ in range(args.eval_passes):  # diffusion: repeated passes
+    for _ in range(args.eval_passes):  # diffusion: the NELBO averages over random t and x_t, so repeat
         for i in range(0, len(windows) - args.batch_size + 1, args.batch_size):
             with autocast(args.device):
                 means.append(loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() / math.log(2))
     nelbo, se = np.mean(means), np.std(means, ddof=1) / math.sqrt(len(means))
     print(f'validation NELBO: {nelbo:.4f} +- {se:.4f} bits/char ({len(means)} batches of {args.batch_size} windows of {model.config.block_size})')
-    if os.path.exists('weights/gpt.pt'):
-        gpt = torch.load('weights/gpt.pt', map_location='cpu', weights_only=True)
-        print(f'the GPT of weights/gpt.pt: {gpt["summary"]["val_bpc"]:.4f} bits/char')
     model.train()
     return float(nelbo)
 
@@ -384,8 +366,7 @@ def tweedie_probs(score, x, dsigma, graph):
     """Unnormalised p(x_{t - dt} = y | x_t) = [exp(-dsigma Q) s]_y * exp(dsigma Q)(x_t, y) (Eq. 8)."""
     N = score.shape[-1]
     if graph == 'absorb':
-        # worked out for the mask: a mask becomes y with probability (e^dsigma - 1) s_y, stays
-        # a mask with the rest; a real character never changes
+        # worked out for the mask: it becomes y with probability (e^dsigma - 1) s_y; characters stay
         unmask = torch.expm1(dsigma) * score
         probs = torch.cat([unmask, 1 - unmask.sum(-1, keepdim=True)], dim=-1)
         return torch.where((x == N)[..., None], probs, F.one_hot(x, N + 1).to(probs))
@@ -430,10 +411,8 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
     args = p.parse_args(argv)
-    if not (args.device == 'cpu' or args.device.startswith('cuda')):
-        die(f'unknown device {args.device!r}; use cpu or cuda')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        die('--device cuda was asked for but CUDA is not available here; use --device cpu')
+    if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
+        die(f'--device {args.device}: ' + ('CUDA is not available here' if args.device.startswith('cuda') else 'unknown device') + '; use --device cpu')
     for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'steps', 'eval_passes'):
         if getattr(args, name) < 1:
             die(f'--{name.replace("_", "-")} must be at least 1')

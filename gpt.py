@@ -79,7 +79,6 @@ def rotary(q, k):
     freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
     angles = torch.arange(T, device=q.device, dtype=torch.float32)[:, None] * freqs
     cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
-
     def rotate(x):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -131,16 +130,11 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith('c_proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, 'bias', None) is not None:
-                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():  # GPT-2's init, residual projections scaled down by depth
+            if name.endswith('bias'):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith('c_proj.weight') else 0.02)
 
     def forward(self, idx):
         """Logits of the next character at every position: (B, T, V)."""
@@ -186,8 +180,7 @@ def load_checkpoint(path):
     return model, ckpt
 
 def default_checkpoint(out):
-    # your own training run wins over the shipped weights
-    return out if os.path.exists(out) else SHIPPED
+    return out if os.path.exists(out) else SHIPPED  # your own training run wins over the shipped weights
 
 def autocast(device):
     return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
@@ -202,16 +195,18 @@ def get_lr(it, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 @torch.no_grad()
-def estimate_loss(model, split, args, generator):
+def estimate_loss(model, split, args):
     model.eval()
     out = {}
-    for name, data in split.items():
-        losses = []
-        for _ in range(args.eval_iters):
-            batch = get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)
-            with autocast(args.device):
-                losses.append(loss_fn(model, batch).item())
-        out[name] = sum(losses) / len(losses) / math.log(2)
+    with torch.random.fork_rng():  # evaluating leaves the training's random numbers alone, so resuming is exact
+        generator = torch.Generator().manual_seed(args.seed)  # the same batches at every evaluation
+        for name, data in split.items():
+            losses = []
+            for _ in range(args.eval_iters):
+                batch = get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)
+                with autocast(args.device):
+                    losses.append(loss_fn(model, batch).item())
+            out[name] = sum(losses) / len(losses) / math.log(2)
     model.train()
     return out
 
@@ -248,8 +243,7 @@ def train(args):
     tokens_per_step = args.batch_size * config.block_size
     t0, last_good = time.time(), None
     while step < args.max_iters and not stop:
-        for group in optimizer.param_groups:
-            group['lr'] = get_lr(step, args)
+        optimizer.param_groups[0]['lr'] = get_lr(step, args)
         batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
         with autocast(args.device):
             loss = loss_fn(model, batch)
@@ -269,13 +263,14 @@ def train(args):
             print(f'step {step}/{args.max_iters} | loss {loss.item() / math.log(2):.3f} bits/char | '
                   f'lr {get_lr(step - 1, args):.1e} | {rate / 1e3:.1f}k tok/s | ETA {eta / 60:.1f} min', flush=True)
         if step % args.eval_interval == 0 or step == args.max_iters or stop:
-            losses = estimate_loss(model, split, args, generator)
+            losses = estimate_loss(model, split, args)
             print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
             checkpoint(losses['val'])
             last_good = args.out
             t0 = time.time()
     if step == args.max_iters:  # the figure stored with the model: the whole validation set
-        checkpoint(evaluate(model, args))
+        with torch.random.fork_rng():
+            checkpoint(evaluate(model, args))
     print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
 
 @torch.no_grad()
@@ -324,10 +319,8 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
     args = p.parse_args(argv)
-    if not (args.device == 'cpu' or args.device.startswith('cuda')):
-        die(f'unknown device {args.device!r}; use cpu or cuda')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        die('--device cuda was asked for but CUDA is not available here; use --device cpu')
+    if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
+        die(f'--device {args.device}: ' + ('CUDA is not available here' if args.device.startswith('cuda') else 'unknown device') + '; use --device cpu')
     for name in ('num_samples', 'length', 'max_iters', 'batch_size'):
         if getattr(args, name) < 1:
             die(f'--{name.replace("_", "-")} must be at least 1')
