@@ -176,8 +176,7 @@ def perturb(x0, sigma_bar, graph, vocab_size):
     sigma_bar = sigma_bar[:, None]
     if graph == 'absorb':  # masked (token id vocab_size) with probability 1 - e^-sigma_bar
         return torch.where(torch.rand(x0.shape, device=x0.device) < -torch.expm1(-sigma_bar), vocab_size, x0)
-    # uniform (Eq. 3): stays with probability e^-sigma_bar + (1 - e^-sigma_bar) / N, else moves
-    # to one of the other N - 1 characters, each with probability (1 - e^-sigma_bar) / N
+    # uniform (Eq. 3): stays with probability e^-sigma_bar + (1 - e^-sigma_bar) / N, else moves to another
     move = torch.rand(x0.shape, device=x0.device) < -torch.expm1(-sigma_bar) * (1 - 1 / vocab_size)
     other = torch.randint(vocab_size - 1, x0.shape, device=x0.device)
     return torch.where(move, other + (other >= x0), x0)  # skipping x_0 makes "other" uniform over the rest
@@ -241,10 +240,10 @@ def load_checkpoint(path):
         die(f'{path} is not a checkpoint of this project; train one with: python {KIND}.py --train')
     if ckpt['kind'] != KIND:
         die(f'{path} holds a {ckpt["kind"]} model; load it with {ckpt["kind"]}.py')
-    model = Transformer(Config(**ckpt['config']))
     try:
+        model = Transformer(Config(**ckpt['config']))
         model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
-    except RuntimeError:
+    except (TypeError, RuntimeError):
         die(f'{path} does not match this version of {KIND}.py; retrain with: python {KIND}.py --train')
     return model, ckpt
 
@@ -356,6 +355,8 @@ def evaluate(model, args):
                 means.append(loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() / math.log(2))
     nelbo, se = np.mean(means), np.std(means, ddof=1) / math.sqrt(len(means))
     print(f'validation NELBO: {nelbo:.4f} +- {se:.4f} bits/char ({len(means)} batches of {args.batch_size} windows of {model.config.block_size})')
+    if os.path.exists('weights/gpt.pt'):  # diffusion: the baseline it is compared with
+        print(f"the GPT of weights/gpt.pt: {torch.load('weights/gpt.pt', map_location='cpu', weights_only=True)['summary']['val_bpc']:.4f} bits/char")
     model.train()
     return float(nelbo)
 
@@ -382,8 +383,7 @@ def generate(model, num_samples, length, steps=128, device='cpu', callback=None)
     ts = torch.linspace(1 - T_EPS, T_EPS, steps + 1, device=device)
     for step in range(steps + 1):
         sigma_bar = noise(ts[step], graph)[0]
-        # the last step denoises from t = T_EPS all the way to sigma_bar = 0
-        dsigma = sigma_bar - (noise(ts[step + 1], graph)[0] if step < steps else 0)
+        dsigma = sigma_bar - (noise(ts[step + 1], graph)[0] if step < steps else 0)  # the last step goes to sigma_bar = 0
         with autocast(device):
             score = model(x, sigma_bar.expand(num_samples)).exp()
         probs = tweedie_probs(score, x, dsigma, graph)
@@ -438,6 +438,7 @@ def main():
     if args.length > model.config.block_size:
         die(f'--length {args.length} is longer than the context of {model.config.block_size} characters')
     torch.manual_seed(args.seed)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
     t0 = time.time()
     x = generate(model, args.num_samples, args.length, args.steps, args.device)
     for i, row in enumerate(x.tolist()):

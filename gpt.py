@@ -172,10 +172,10 @@ def load_checkpoint(path):
         die(f'{path} is not a checkpoint of this project; train one with: python {KIND}.py --train')
     if ckpt['kind'] != KIND:
         die(f'{path} holds a {ckpt["kind"]} model; load it with {ckpt["kind"]}.py')
-    model = Transformer(Config(**ckpt['config']))
     try:
+        model = Transformer(Config(**ckpt['config']))
         model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
-    except RuntimeError:
+    except (TypeError, RuntimeError):
         die(f'{path} does not match this version of {KIND}.py; retrain with: python {KIND}.py --train')
     return model, ckpt
 
@@ -346,6 +346,7 @@ def main():
     if args.length > model.config.block_size:
         die(f'--length {args.length} is longer than the context of {model.config.block_size} characters')
     torch.manual_seed(args.seed)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
     t0 = time.time()
     x = generate(model, args.num_samples, args.length, args.temperature, args.device)
     for i, row in enumerate(x.tolist()):
