@@ -1,0 +1,879 @@
+"""
+Tests of tiny text diffusion: the math of diffusion.py against brute force, both models' structure,
+learning, and the command lines end to end on a tiny synthetic text. Everything runs on a CPU in a
+temporary folder, offline, in a few minutes at most.
+
+    python -m pytest -q test_smoke.py
+"""
+import ast
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+import diffusion  # noqa: E402
+import gpt  # noqa: E402
+import prepare  # noqa: E402
+
+# tiny models for everything that trains; one thread, so that two processes never fight over cores
+TINY = ['--n-layer', '1', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '8', '--eval-iters', '2']
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+WORDS = 'the cat sat on a mat and dog ran to its red hat but not when sun was low'.split()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def keep_sigint():
+    # train() and main() install their own Ctrl-C handlers; give pytest its own back afterwards
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+def corpus(n_chars=4000, seed=0):
+    """A text of random sentences over a small vocabulary of words."""
+    rng, text = random.Random(seed), ''
+    while len(text) < n_chars:
+        text += ' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + '.\n'
+    return text
+
+
+def run(script, *args, cwd, timeout=600):
+    """Run one of the project's scripts as a user would, in cwd."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def call_main(module, argv, monkeypatch, capsys):
+    """Run module.main() in this process with sys.argv = argv: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, argv)])
+    capsys.readouterr()
+    try:
+        module.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, err, *needles):
+    """A failure the user can act on: exit != 0, a single 'error: ...' line, no traceback."""
+    assert code != 0, err
+    assert 'Traceback' not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('error: ')]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    for needle in needles:
+        assert needle in errors[0], (needle, err)
+    return errors[0]
+
+
+def make_args(module, data_dir, out, *extra):
+    return module.parse_args([*TINY, '--data-dir', str(data_dir), '--out', str(out), '--device', 'cpu', *map(str, extra)])
+
+
+# -----------------------------------------------------------------------------
+# brute-force references for the forward process of one character
+
+def rate_matrix(graph, N):
+    """Q with dp/dt = sigma(t) Q p: Q[y, x] is the rate of x -> y. States 0..N-1, plus N = mask for absorb."""
+    if graph == 'uniform':
+        return torch.ones(N, N, dtype=torch.float64) / N - torch.eye(N, dtype=torch.float64)
+    Q = torch.zeros(N + 1, N + 1, dtype=torch.float64)
+    Q[N, :N] = 1.0
+    Q[range(N), range(N)] = -1.0
+    return Q
+
+
+def kernel(graph, N, sigma_bar):
+    """exp(sigma_bar Q)[y, x] = p(x_t = y | x_0 = x), by a generic matrix exponential."""
+    return torch.linalg.matrix_exp(float(sigma_bar) * rate_matrix(graph, N))
+
+
+# -----------------------------------------------------------------------------
+# 1. forward process
+
+def test_noise_schedule():
+    """sigma is d sigma_bar / dt; uniform spans SIGMA_MIN..SIGMA_MAX geometrically; absorb masks with probability t."""
+    t = torch.tensor([0.01, 0.2, 0.5, 0.8, 0.99], dtype=torch.float64)
+    h = 1e-6
+    for graph in ('uniform', 'absorb'):
+        sigma_bar, sigma = diffusion.noise(t, graph)
+        numeric = (diffusion.noise(t + h, graph)[0] - diffusion.noise(t - h, graph)[0]) / (2 * h)
+        assert torch.allclose(sigma, numeric, rtol=1e-5), graph
+    ends = diffusion.noise(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), 'uniform')[0]
+    assert torch.allclose(ends, torch.tensor([1e-4, math.sqrt(1e-4 * 20), 20.0], dtype=torch.float64))
+    sigma_bar = diffusion.noise(t, 'absorb')[0]
+    assert torch.allclose(-torch.expm1(-sigma_bar), t)
+
+
+@pytest.mark.parametrize('sigma_bar', [0.01, 0.5, 2.0, 20.0])
+def test_perturb_uniform_matches_eq3(sigma_bar):
+    """Uniform perturb: every cell of the empirical transition matrix matches exp(sigma_bar Q) (Eq. 3)."""
+    N, n = 7, 210_000
+    torch.manual_seed(0)
+    x0 = torch.arange(N).repeat(n // N)[None]
+    xt = diffusion.perturb(x0, torch.tensor([sigma_bar]), 'uniform', N)[0]
+    counts = torch.zeros(N, N, dtype=torch.float64)
+    counts.index_put_((xt, x0[0]), torch.ones(n, dtype=torch.float64), accumulate=True)
+    rows = n // N
+    empirical = counts / rows  # empirical[y, x] = freq(x_t = y | x_0 = x)
+    K = kernel('uniform', N, sigma_bar)
+    stay = math.exp(-sigma_bar) + (1 - math.exp(-sigma_bar)) / N  # Eq. 3, first line
+    assert torch.allclose(K.diagonal(), torch.full((N,), stay, dtype=torch.float64))
+    se = (K * (1 - K) / rows).sqrt() + 1e-12
+    assert ((empirical - K).abs() <= 5 * se + 1e-9).all(), (empirical - K).abs().max()
+    # the characters that moved are uniform over the other N - 1 (a chi-square bound)
+    moved = counts.clone()
+    moved.fill_diagonal_(0)
+    expected = moved.sum(0, keepdim=True) / (N - 1)
+    off = ~torch.eye(N, dtype=torch.bool)
+    chi2 = ((moved - expected) ** 2 / expected.clamp(min=1e-12))[off].sum().item()
+    df = N * (N - 2)
+    assert chi2 < df + 6 * math.sqrt(2 * df), chi2
+    stayed = counts.diagonal().sum().item() / n
+    assert abs(stayed - stay) < 5 * math.sqrt(stay * (1 - stay) / n) + 1e-12
+
+
+@pytest.mark.parametrize('sigma_bar', [0.01, 0.5, 2.0, 20.0])
+def test_perturb_absorb_masks_with_the_right_probability(sigma_bar):
+    """Absorb perturb: a character is masked (id N) with probability 1 - e^-sigma_bar, otherwise unchanged."""
+    N, n = 7, 200_000
+    torch.manual_seed(0)
+    x0 = torch.randint(N, (1, n))
+    xt = diffusion.perturb(x0, torch.tensor([sigma_bar]), 'absorb', N)
+    masked = xt == N
+    assert torch.equal(xt[~masked], x0[~masked])
+    p = 1 - math.exp(-sigma_bar)
+    assert abs(masked.double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-9
+    assert math.isclose(kernel('absorb', N, sigma_bar)[N, 0].item(), p, rel_tol=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# 2. score entropy
+
+def score_entropy_brute(log_score, sigma_bar, x_t, x0, graph, weight=None):
+    """Eq. 7 without sigma(t), one position and one y at a time: sum over y != x_t of
+    Q[x_t, y] (s_y - a_y log s_y + K(a_y)), a_y = p(y | x_0) / p(x_t | x_0) from the matrix exponential."""
+    B, T, N = log_score.shape
+    Q = rate_matrix(graph, N)
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        K = kernel(graph, N, sigma_bar[b])
+        for i in range(T):
+            xt, x_0 = int(x_t[b, i]), int(x0[b, i])
+            for y in range(N):  # the real characters; Q[x_t, mask] = 0, so y = mask never counts
+                if y == xt:
+                    continue
+                w = Q[xt, y].item() if weight is None else weight
+                if w == 0:
+                    continue
+                a = (K[y, x_0] / K[xt, x_0]).item()
+                s, log_s = math.exp(log_score[b, i, y]), log_score[b, i, y].item()
+                out[b, i] += w * (s - a * log_s + (a * (math.log(a) - 1) if a > 0 else 0.0))
+    return out
+
+
+def random_inputs(graph, N=6, T=10, sigma_bars=(0.05, 0.7, 3.0, 12.0), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sigma_bar = torch.tensor(sigma_bars, dtype=torch.float64)
+    x0 = torch.randint(N, (len(sigma_bars), T), generator=g)
+    x_t = diffusion.perturb(x0, sigma_bar, graph, N)
+    log_score = 2 * torch.randn(len(sigma_bars), T, N, generator=g, dtype=torch.float64)
+    return log_score, sigma_bar, x_t, x0
+
+
+def test_score_entropy_uniform_matches_brute_force():
+    """Uniform: the closed form equals Eq. 7 summed term by term with Q = J/N - I (weight 1/N, not 1/(N-1))."""
+    N = 6
+    log_score, sigma_bar, x_t, x0 = random_inputs('uniform', N)
+    assert (x_t == x0).any() and (x_t != x0).any()  # both branches of the closed form are exercised
+    closed = diffusion.score_entropy(log_score, sigma_bar, x_t, x0, 'uniform')
+    assert closed.shape == x0.shape and closed.dtype == torch.float64
+    brute = score_entropy_brute(log_score, sigma_bar, x_t, x0, 'uniform')
+    assert torch.allclose(closed, brute, rtol=1e-5, atol=1e-8)
+    # the annotated notebook's 1/(N-1) makes the loss N/(N-1) times the bound; the tolerance above sees that
+    notebook = score_entropy_brute(log_score, sigma_bar, x_t, x0, 'uniform', weight=1 / (N - 1))
+    assert torch.allclose(notebook, closed * N / (N - 1), rtol=1e-5)
+    assert not torch.allclose(closed, notebook, rtol=1e-5, atol=1e-8)
+
+
+def test_score_entropy_absorb_matches_brute_force():
+    """Absorb: only masked positions count; the closed form equals Eq. 7 summed term by term."""
+    N = 6
+    log_score, sigma_bar, x_t, x0 = random_inputs('absorb', N)
+    masked = x_t == N
+    assert masked.any() and (~masked).any()
+    closed = diffusion.score_entropy(log_score, sigma_bar, x_t, x0, 'absorb')
+    brute = score_entropy_brute(log_score, sigma_bar, x_t, x0, 'absorb')
+    assert torch.allclose(closed, brute, rtol=1e-5, atol=1e-8)
+    assert (closed[~masked] == 0).all() and (closed[masked] > 0).all()
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_score_entropy_is_a_divergence(graph):
+    """Score entropy is >= 0 for any score, and 0 where the score is the true ratio a_y."""
+    N = 6
+    for seed in range(5):
+        log_score, sigma_bar, x_t, x0 = random_inputs(graph, N, T=50, sigma_bars=tuple(10 ** np.linspace(-3, 1.3, 8)), seed=seed)
+        loss = diffusion.score_entropy(log_score, sigma_bar, x_t, x0, graph)
+        assert (loss >= -1e-10).all(), loss.min()
+    # the exact ratios a_y = p(y | x_0) / p(x_t | x_0) give 0
+    exact = torch.empty_like(log_score)
+    for b in range(x0.shape[0]):
+        K = kernel(graph, N, sigma_bar[b])
+        for i in range(x0.shape[1]):
+            exact[b, i] = (K[:N, x0[b, i]] / K[x_t[b, i], x0[b, i]]).log()
+    loss = diffusion.score_entropy(exact, sigma_bar, x_t, x0, graph)
+    assert loss.abs().max() < 1e-6
+    if graph == 'absorb':
+        assert (x_t == N).sum() > 100  # many masked positions checked
+    wrong = diffusion.score_entropy(exact + 0.1, sigma_bar, x_t, x0, graph)
+    assert wrong.max() > 1e-3  # and it does see a wrong score
+
+
+# -----------------------------------------------------------------------------
+# 3. sampler
+
+class Oracle(nn.Module):
+    """The exact log concrete score of a product distribution pi (L, N) under either forward process."""
+
+    def __init__(self, pi, graph):
+        super().__init__()
+        self.pi, self.config = pi, diffusion.Config(vocab_size=pi.shape[1], graph=graph)
+
+    def forward(self, x, sigma_bar):
+        sb = sigma_bar.double()[:, None, None]
+        if self.config.graph == 'absorb':  # s_y = pi_y / (e^sigma_bar - 1) at a mask
+            return (self.pi.log()[None] - torch.log(torch.expm1(sb))).expand(x.shape[0], -1, -1).float()
+        p_t = torch.exp(-sb) * self.pi[None] + -torch.expm1(-sb) / self.pi.shape[1]  # Eq. 2 per position
+        return (p_t.log() - p_t.log().gather(-1, x[..., None])).float()
+
+
+def product_distribution(L=3, N=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(2 * torch.randn(L, N, generator=g, dtype=torch.float64), -1)
+
+
+def marginal_tv(pi, graph, samples=20_000, steps=16, seed=0):
+    """Largest per-position total variation between diffusion.generate's samples (oracle score) and pi."""
+    torch.manual_seed(seed)
+    x = diffusion.generate(Oracle(pi, graph), samples, pi.shape[0], steps=steps)
+    assert x.shape == (samples, pi.shape[0]) and x.min() >= 0 and x.max() < pi.shape[1]
+    empirical = F.one_hot(x, pi.shape[1]).double().mean(0)
+    return 0.5 * (empirical - pi).abs().sum(-1).max().item()
+
+
+TV_BOUND = 0.03  # sampling noise alone is about 0.006 for 20000 samples of N = 5
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_sampler_with_oracle_reproduces_the_distribution(graph):
+    """Fed the exact concrete score of a product distribution, the Tweedie sampler reproduces its marginals."""
+    assert marginal_tv(product_distribution(), graph) < TV_BOUND
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_sampler_test_sees_a_sign_error(graph, monkeypatch):
+    """The bound above is tight enough: tweedie_probs with the sign of dsigma flipped in the staggered score fails it."""
+    right = diffusion.tweedie_probs
+
+    def flipped(score, x, dsigma, graph):
+        if graph == 'absorb':
+            return right(score, x, -dsigma, graph)
+        N = score.shape[-1]
+        staggered = (-dsigma).exp() * score + (1 - (-dsigma).exp()) * score.sum(-1, keepdim=True) / N
+        return staggered * (-torch.expm1(-dsigma) / N + (-dsigma).exp() * F.one_hot(x, N))
+    monkeypatch.setattr(diffusion, 'tweedie_probs', flipped)
+    assert marginal_tv(product_distribution(), graph) > TV_BOUND
+
+
+def bayes_posterior(graph, p0, sb_t, sb_s, x):
+    """Exact p(x_s = y | x_t = x) for one character, s < t, by Bayes' rule and matrix exponentials."""
+    N = p0.shape[0]
+    p0 = torch.cat([p0, torch.zeros(1, dtype=torch.float64)]) if graph == 'absorb' else p0
+    p_s, p_t = kernel(graph, N, sb_s) @ p0, kernel(graph, N, sb_t) @ p0
+    score = p_t[:N] / p_t[x]  # the exact concrete score at x_t = x
+    return score, p_s * kernel(graph, N, sb_t - sb_s)[x, :] / p_t[x]
+
+
+def wrong_way_round(score, x, dsigma, graph):
+    """Eq. 8 with a factor left out: the forward transition (uniform) or the staggering exp(-dsigma Q) (absorb)."""
+    N = score.shape[-1]
+    if graph == 'absorb':
+        unmask = -torch.expm1(-dsigma) * score
+        probs = torch.cat([unmask, 1 - unmask.sum(-1, keepdim=True)], dim=-1)
+        return torch.where((x == N)[..., None], probs, F.one_hot(x, N + 1).to(probs))
+    return dsigma.exp() * score + (1 - dsigma.exp()) * score.sum(-1, keepdim=True) / N
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_tweedie_step_is_bayes_rule(graph):
+    """One Tweedie step (Eq. 8) with the exact score is the exact posterior p(x_s | x_t), for every x_t."""
+    N, worst_bad = 5, 0.0
+    p0 = product_distribution(1, N, seed=1)[0]
+    for sb_t, sb_s in ((0.3, 0.1), (2.0, 0.5), (6.0, 1.0), (1e-3, 0.0)):
+        for x in (range(N) if graph == 'uniform' else range(N + 1)):
+            score, posterior = bayes_posterior(graph, p0, sb_t, sb_s, x)
+            dsigma = torch.tensor(sb_t - sb_s, dtype=torch.float64)
+            got = diffusion.tweedie_probs(score[None, None], torch.tensor([[x]]), dsigma, graph)[0, 0]
+            assert torch.allclose(got, posterior, atol=1e-9), (sb_t, sb_s, x, got, posterior)
+            bad = wrong_way_round(score[None, None], torch.tensor([[x]]), dsigma, graph)[0, 0]
+            worst_bad = max(worst_bad, (bad / bad.sum() - posterior).abs().max().item())
+    assert worst_bad > 0.05  # the comparison does see a missing factor
+
+
+# -----------------------------------------------------------------------------
+# 4. structure of the two networks
+
+def tiny_config(module, **kw):
+    return module.Config(**dict(dict(vocab_size=11, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0), **kw))
+
+
+def test_gpt_is_causal():
+    """The GPT's logits at positions <= i do not depend on the characters after i (and do on those up to i)."""
+    torch.manual_seed(0)
+    model = gpt.Transformer(tiny_config(gpt)).eval()
+    idx = torch.randint(11, (3, 16))
+    with torch.no_grad():
+        logits = model(idx)
+        assert logits.shape == (3, 16, 11) and logits.dtype == torch.float32
+        for i in (0, 5, 14):
+            changed = idx.clone()
+            changed[:, i + 1:] = (changed[:, i + 1:] + 1 + torch.randint(10, changed[:, i + 1:].shape)) % 11
+            new = model(changed)
+            assert torch.allclose(new[:, :i + 1], logits[:, :i + 1], atol=1e-6)
+            assert (new[:, i + 1:] - logits[:, i + 1:]).abs().amax(-1).min() > 1e-6  # every later position sees it
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_diffusion_is_bidirectional(graph):
+    """Changing the character at position j changes the diffusion model's output at every position before j."""
+    torch.manual_seed(0)
+    model = diffusion.Transformer(tiny_config(diffusion, graph=graph)).eval()
+    idx = torch.randint(11, (3, 16))
+    sigma_bar = torch.tensor([0.1, 1.0, 5.0])
+    with torch.no_grad():
+        out = model(idx, sigma_bar)
+        for j in (3, 15):
+            changed = idx.clone()
+            changed[:, j] = (changed[:, j] + 1) % 11
+            diff = (model(changed, sigma_bar) - out).abs().amax(-1)
+            assert (diff[:, :j] > 1e-6).all()
+
+
+def test_diffusion_output_is_a_concrete_score():
+    """uniform: log s at y = x_t is exactly 0; absorb: sum_y s_y = 1 / (e^sigma_bar - 1), and the mask is an input id."""
+    torch.manual_seed(0)
+    sigma_bar = torch.tensor([0.01, 1.0, 10.0])
+    model = diffusion.Transformer(tiny_config(diffusion, graph='uniform')).eval()
+    idx = torch.randint(11, (3, 16))
+    with torch.no_grad():
+        out = model(idx, sigma_bar)
+    assert out.shape == (3, 16, 11) and out.dtype == torch.float32
+    assert (out.gather(-1, idx[..., None]) == 0).all() and (out != 0).sum() == 3 * 16 * 10
+    model = diffusion.Transformer(tiny_config(diffusion, graph='absorb')).eval()
+    idx[:, ::2] = 11  # masks
+    with torch.no_grad():
+        out = model(idx, sigma_bar)
+    assert out.shape == (3, 16, 11)
+    assert torch.allclose(out.logsumexp(-1), -torch.log(torch.expm1(sigma_bar))[:, None].expand(3, 16), atol=1e-5)
+
+
+def test_get_batch_and_val_windows():
+    """Windows hold block_size + EXTRA consecutive characters; validation windows do not overlap."""
+    data = np.arange(1000, dtype=np.uint16)
+    for module, extra in ((gpt, 1), (diffusion, 0)):
+        assert module.EXTRA == extra
+        batch = module.get_batch(data, 5, 32, torch.Generator().manual_seed(0))
+        assert batch.shape == (5, 32 + extra) and batch.dtype == torch.int64
+        assert (batch.diff(dim=1) == 1).all()
+        windows = module.val_windows(data, 32)
+        assert windows.shape == ((1000 - extra) // 32, 32 + extra)
+        assert torch.equal(windows[:, 0], torch.arange(0, 32 * len(windows), 32))
+
+
+# -----------------------------------------------------------------------------
+# fixtures: a tiny prepared text and tiny trained checkpoints, shared by the tests below
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A folder with corpus.txt prepared into data/ by prepare.py (the command line)."""
+    d = tmp_path_factory.mktemp('work')
+    (d / 'corpus.txt').write_text(corpus())
+    res = run('prepare.py', '--input', 'corpus.txt', cwd=d)
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+@pytest.fixture(scope='module')
+def trained(workdir):
+    """gpt.py --train and diffusion.py --train, tiny, with the default --out (out/<kind>.pt)."""
+    logs = {}
+    for script in ('gpt.py', 'diffusion.py'):
+        res = run(script, '--train', *TINY, '--max-iters', '30', '--eval-interval', '10', '--device', 'cpu', cwd=workdir)
+        assert res.returncode == 0, res.stderr
+        logs[script] = res.stdout
+    return workdir, logs
+
+
+# -----------------------------------------------------------------------------
+# 5. learning and checkpoints
+
+@pytest.mark.parametrize('module,graph', [(gpt, None), (diffusion, 'uniform'), (diffusion, 'absorb')])
+def test_training_lowers_the_loss(module, graph, workdir, tmp_path):
+    """train() for 60 steps lowers loss_fn on fixed validation batches, compared with its initial weights."""
+    extra = ['--graph', graph] if graph else []
+    args = make_args(module, workdir / 'data', tmp_path / 'm.pt', '--max-iters', 60, '--eval-interval', 1000,
+                     '--warmup-iters', 5, '--lr', 3e-3, *extra)
+    module.train(args)
+    trained_model, ckpt = module.load_checkpoint(str(tmp_path / 'm.pt'))
+    assert ckpt['step'] == 60 and ckpt['kind'] == module.KIND
+    torch.manual_seed(args.seed)  # train() starts from these weights
+    initial = module.Transformer(trained_model.config)
+    _, split = module.load_data(str(workdir / 'data'))
+    g = torch.Generator().manual_seed(123)
+    batches = [module.get_batch(split['val'], 16, 32, g) for _ in range(8)]
+
+    def mean_loss(model):
+        model.eval()
+        torch.manual_seed(0)  # the same t and x_t for both models
+        with torch.no_grad():
+            return sum(module.loss_fn(model, b).item() for b in batches) / len(batches)
+    before, after = mean_loss(initial), mean_loss(trained_model)
+    assert after < 0.93 * before, (before, after)  # measured: GPT 0.57, diffusion 0.89
+
+
+@pytest.mark.parametrize('module,graph', [(gpt, None), (diffusion, 'uniform'), (diffusion, 'absorb')])
+def test_checkpoint_round_trip(module, graph, tmp_path):
+    """save_checkpoint then load_checkpoint gives a model with identical outputs, and no temp file is left."""
+    config = tiny_config(module, **({'graph': graph} if graph else {}))
+    torch.manual_seed(1)
+    model = module.Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # not the initial weights
+    path = tmp_path / 'sub' / 'ckpt.pt'
+    module.save_checkpoint(str(path), dict(kind=module.KIND, config=asdict(config), vocab='abcdefghijk', model=model.state_dict(),
+                                           step=7, summary=dict(tokens=0, seconds=0.0)))
+    assert os.listdir(path.parent) == ['ckpt.pt']
+    loaded, ckpt = module.load_checkpoint(str(path))
+    loaded.eval()
+    assert loaded.config == config and ckpt['step'] == 7
+    idx = torch.randint(11, (2, 16))
+    with torch.no_grad():
+        if module is gpt:
+            assert torch.equal(loaded(idx), model(idx))
+        else:
+            sigma_bar = torch.tensor([0.5, 3.0])
+            assert torch.equal(loaded(idx, sigma_bar), model(idx, sigma_bar))
+
+
+# -----------------------------------------------------------------------------
+# 6. the command lines, end to end
+
+def test_prepare_writes_the_dataset(workdir):
+    """prepare.py --input: vocabulary = sorted distinct characters, 90/10 split, ids decode to the text."""
+    text = (workdir / 'corpus.txt').read_text()
+    vocab, split = gpt.load_data(str(workdir / 'data'))
+    assert vocab == ''.join(sorted(set(text)))
+    ids = np.concatenate([split['train'], split['val']])
+    assert ''.join(vocab[i] for i in ids) == text
+    assert len(split['train']) == int(0.9 * len(text))
+
+
+def samples_of(stdout, n):
+    texts = stdout[:-1].split('\n\n' + '-' * 40 + '\n')  # print() adds a newline after each
+    assert len(texts) == n, stdout
+    return texts
+
+
+@pytest.mark.parametrize('script', ['gpt.py', 'diffusion.py'])
+def test_cli_train_and_sample(script, trained):
+    """--train writes out/<kind>.pt; sampling (default checkpoint) prints samples of the right length in the vocabulary."""
+    workdir, logs = trained
+    kind = script[:-3]
+    assert (workdir / 'out' / f'{kind}.pt').exists()
+    assert f'saved out/{kind}.pt at step 30' in logs[script]
+    vocab = set((workdir / 'corpus.txt').read_text())
+    extra = ['--steps', '8'] if kind == 'diffusion' else ['--temperature', '0.8']
+    res = run(script, '--num-samples', 2, '--length', 24, '--seed', 3, '--device', 'cpu', *extra, cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    assert f'loaded out/{kind}.pt' in res.stderr
+    for text in samples_of(res.stdout, 2):
+        assert len(text) == 24 and set(text) <= vocab, repr(text)
+    again = run(script, '--num-samples', 2, '--length', 24, '--seed', 3, '--device', 'cpu', *extra, cwd=workdir)
+    assert again.stdout == res.stdout  # --seed makes sampling reproducible
+
+
+@pytest.mark.parametrize('script', ['gpt.py', 'diffusion.py'])
+def test_cli_eval_reproduces_the_stored_figure(script, trained):
+    """--eval prints a finite loss equal to the one train() stored with the model at the end."""
+    workdir, _ = trained
+    kind = script[:-3]
+    res = run(script, '--eval', *TINY, '--device', 'cpu', cwd=workdir)  # the training's --batch-size 8 (32 gives nan, see below)
+    assert res.returncode == 0, res.stderr
+    value = float(re.search(r'validation (?:loss|NELBO): (\S+) ', res.stdout).group(1))
+    assert math.isfinite(value) and 0 < value < 2 * math.log2(16)
+    ckpt = torch.load(workdir / 'out' / f'{kind}.pt', weights_only=True)
+    assert abs(ckpt['summary']['val_bpc'] - value) < 1e-3
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_cli_export(module, trained, tmp_path):
+    """--export writes a checkpoint without optimizer state that loads and holds the same weights."""
+    workdir, _ = trained
+    kind = module.KIND
+    res = run(f'{kind}.py', '--export', tmp_path / 'shipped.pt', '--device', 'cpu', cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    exported = torch.load(tmp_path / 'shipped.pt', weights_only=True)
+    assert 'optimizer' not in exported and exported['kind'] == kind
+    original = torch.load(workdir / 'out' / f'{kind}.pt', weights_only=True)
+    assert exported['model'].keys() == original['model'].keys()
+    assert all(torch.equal(exported['model'][k], original['model'][k]) for k in original['model'])
+    model, _ = module.load_checkpoint(str(tmp_path / 'shipped.pt'))
+    assert model.config == module.Config(**original['config'])
+
+
+def compare_args(workdir):
+    return ['--compare', '--gpt-ckpt', workdir / 'out' / 'gpt.pt', '--diffusion-ckpt', workdir / 'out' / 'diffusion.pt',
+            '--steps', 8, '--length', 32, '--device', 'cpu']
+
+
+def test_cli_visualize_compare_piped(trained):
+    """visualize.py --compare with stdout piped prints both final texts as plain text and exits 0."""
+    workdir, _ = trained
+    res = run('visualize.py', *compare_args(workdir), cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    assert '\x1b' not in res.stdout and 'Traceback' not in res.stderr
+    m = re.fullmatch(r'=== GPT \(.*?\) ===\n(.*)\n\n=== diffusion \(.*?\) ===\n(.*)\n', res.stdout, re.S)
+    assert m, res.stdout
+    vocab = set((workdir / 'corpus.txt').read_text())
+    for text in m.groups():
+        assert len(text) == 32 and set(text) <= vocab, repr(text)
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='needs a pseudo-terminal')
+def test_cli_visualize_no_color_in_a_terminal(trained):
+    """In a terminal, visualize.py animates (cursor movements); --no-color leaves out the colour codes."""
+    import pty
+    import select
+    workdir, _ = trained
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / 'visualize.py'), *map(str, compare_args(workdir)), '--no-color', '--delay', '0'],
+                            cwd=workdir, env=dict(ENV, COLUMNS='100', LINES='40', TERM='xterm'),
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 300)
+        if not ready:
+            proc.kill()
+            pytest.fail('visualize.py stalled')
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    screen = b''.join(chunks).decode('utf-8', 'replace')
+    assert '\x1b[K' in screen and 'step' in screen  # it did draw frames in place
+    colours = set(re.findall(r'\x1b\[[0-9;]*m', screen))
+    assert colours <= {'\x1b[0m'}, colours  # at most the final reset
+
+
+# -----------------------------------------------------------------------------
+# 7. the code gpt.py and diffusion.py share
+
+EXPECTED_DIFFERENCES = {
+    'KIND': "'gpt' vs 'diffusion'",
+    'defaults': 'diffusion adds graph, no dropout, more steps, its own --out',
+    'SHIPPED': 'weights/<kind>.pt',
+    'EXTRA': 'a GPT window holds one more character, the target of the last position',
+    'Config': 'diffusion adds graph',
+    'CAUSAL': 'the GPT masks the future, the denoiser sees the whole sequence',
+    'Transformer': 'diffusion: mask token, noise-level input, concrete-score output',
+    'loss_fn': 'cross-entropy vs diffusion-weighted score entropy',
+    'train': 'diffusion passes graph into Config',
+    'evaluate': 'diffusion: repeated passes and a standard error, prints the GPT figure',
+    'generate': 'left to right with temperature vs Tweedie denoising steps',
+    'parse_args': '--temperature vs --steps and --eval-passes, --graph check',
+    'main': 'generate is called with temperature vs steps',
+}
+DIFFUSION_ONLY = {'SIGMA_MIN', 'SIGMA_MAX', 'T_EPS', 'noise', 'noise_features', 'perturb', 'score_entropy', 'tweedie_probs'}
+
+
+def top_level_definitions(path):
+    """{name: source} of the module's top-level functions, classes (with decorators) and assignments."""
+    src = path.read_text()
+    defs = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defs[node.name] = ''.join('@' + ast.get_source_segment(src, d) + '\n' for d in node.decorator_list) + ast.get_source_segment(src, node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        defs[name.id] = ast.get_source_segment(src, node)
+    return defs
+
+
+def test_shared_definitions_are_identical():
+    """Every definition in both files is character-for-character identical, except the listed, real differences."""
+    g, d = top_level_definitions(REPO / 'gpt.py'), top_level_definitions(REPO / 'diffusion.py')
+    assert set(g) - set(d) == set(), 'gpt.py defines names diffusion.py lacks'
+    assert set(d) - set(g) == DIFFUSION_ONLY
+    differing = {name for name in set(g) & set(d) if g[name] != d[name]}
+    unexpected = differing - set(EXPECTED_DIFFERENCES)
+    assert not unexpected, f'shared code drifted apart: {sorted(unexpected)}'
+    stale = set(EXPECTED_DIFFERENCES) - differing
+    assert not stale, f'now identical, remove from EXPECTED_DIFFERENCES: {sorted(stale)}'
+    assert len(set(g) & set(d)) - len(differing) >= 10  # most of the code is shared
+
+
+# -----------------------------------------------------------------------------
+# 8. robustness: bad input gives one clear line, never a traceback
+
+class Payload:
+    """A pickle that runs code when loaded without weights_only: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("pwned")',)
+
+
+def test_code_carrying_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    """A checkpoint whose pickle carries code is refused with one line, and the code never runs."""
+    marker, path = tmp_path / 'pwned', tmp_path / 'evil.pt'
+    torch.save({'kind': 'gpt', 'model': Payload(marker)}, path)
+    torch.load(path, weights_only=False)  # the payload is live: a plain load runs it
+    assert marker.exists()
+    marker.unlink()
+    res = run('gpt.py', '--ckpt', path, '--device', 'cpu', cwd=tmp_path)
+    assert_one_error_line(res.returncode, res.stderr, str(path))
+    monkeypatch.chdir(tmp_path)
+    assert_one_error_line(*call_main(diffusion, ['--ckpt', path, '--device', 'cpu'], monkeypatch, capsys)[::2], str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_damaged_checkpoints_give_one_line(module, trained, tmp_path, monkeypatch, capsys):
+    """A truncated checkpoint, random bytes and a checkpoint of the other model each give one clear line."""
+    workdir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    good = (workdir / 'out' / f'{module.KIND}.pt').read_bytes()
+    (tmp_path / 'truncated.pt').write_bytes(good[:len(good) // 2])
+    (tmp_path / 'random.pt').write_bytes(np.random.default_rng(0).bytes(5000))
+    for name in ('truncated.pt', 'random.pt'):
+        code, _, err = call_main(module, ['--ckpt', name, '--device', 'cpu'], monkeypatch, capsys)
+        assert_one_error_line(code, err, name)
+    other = diffusion if module is gpt else gpt
+    code, _, err = call_main(module, ['--ckpt', workdir / 'out' / f'{other.KIND}.pt', '--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, f'{other.KIND}.py')
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_missing_weights_and_data_are_explained(module, tmp_path, monkeypatch, capsys):
+    """Sampling in an empty folder names the missing file and the train command; training without data names prepare.py."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call_main(module, ['--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, module.SHIPPED, f'python {module.KIND}.py --train')
+    code, _, err = call_main(module, ['--train', *TINY, '--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, 'prepare.py')
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('case', ['missing', 'directory', 'empty', 'not-utf8', 'too-short'])
+def test_prepare_rejects_bad_input(case, tmp_path, monkeypatch, capsys):
+    """prepare.py --input with an unusable file: one line, exit 2, and no data files written."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / 'input.txt'
+    if case == 'directory':
+        path.mkdir()
+    elif case == 'empty':
+        path.write_text('')
+    elif case == 'not-utf8':
+        path.write_bytes(corpus().encode('utf-8') + b'\xff\xfe caf\xe9')
+    elif case == 'too-short':
+        path.write_text(corpus(1000))
+    code, _, err = call_main(prepare, ['--input', path, '--out-dir', 'data'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_error_line(code, err)
+    assert not (tmp_path / 'data').exists() or not os.listdir(tmp_path / 'data')
+
+
+BAD_ARGS = {
+    gpt: [['--num-samples', '0'], ['--length', '0'], ['--temperature', '0'], ['--temperature', '-1'], ['--device', 'tpu'],
+          ['--device', 'cuda'], ['--max-iters', '0'], ['--batch-size', '0']],
+    diffusion: [['--num-samples', '0'], ['--length', '0'], ['--steps', '0'], ['--eval-passes', '0'], ['--device', 'tpu'],
+                ['--device', 'cuda'], ['--graph', 'foo'], ['--max-iters', '0']],
+}
+
+
+@pytest.mark.parametrize('module,argv', [(m, a) for m, cases in BAD_ARGS.items() for a in cases],
+                         ids=lambda v: v.KIND if hasattr(v, 'KIND') else ' '.join(v))
+def test_bad_arguments_give_one_line(module, argv, capsys):
+    """Each bad argument is refused by parse_args with one 'error:' line naming the flag."""
+    if argv == ['--device', 'cuda'] and torch.cuda.is_available():
+        pytest.skip('CUDA is available here')
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(argv)
+    assert_one_error_line(e.value.code, capsys.readouterr().err, argv[0])
+
+
+def test_too_long_sample_is_refused(trained):
+    """--length beyond the model's context is refused with one line (a real process, so a traceback would show)."""
+    workdir, _ = trained
+    res = run('diffusion.py', '--length', 33, '--device', 'cpu', cwd=workdir)
+    assert_one_error_line(res.returncode, res.stderr, '--length')
+
+
+KNOWN_BUG = 'known bug, see the report: a bad setting ends in a traceback instead of one error line'
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+@pytest.mark.parametrize('bad', [
+    pytest.param(['--block-size', '512'], id='block-size-longer-than-data',
+                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (RuntimeError in torch.randint, get_batch)', raises=RuntimeError, strict=True)),
+    pytest.param(['--n-head', '3'], id='n-head-not-dividing-n-embd',
+                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (RuntimeError in SelfAttention.forward view)', raises=RuntimeError, strict=True)),
+    pytest.param(['--eval-interval', '0'], id='eval-interval-0',
+                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (ZeroDivisionError: step % 0 in train)', raises=ZeroDivisionError, strict=True)),
+    pytest.param(['--eval-iters', '0'], id='eval-iters-0',
+                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (ZeroDivisionError in estimate_loss)', raises=ZeroDivisionError, strict=True)),
+])
+def test_bad_training_settings_give_one_line(module, bad, workdir, tmp_path, monkeypatch, capsys):
+    """Training settings that cannot work are refused with one 'error:' line naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    argv = ['--train', *TINY, '--max-iters', '3', '--eval-interval', '2', '--data-dir', workdir / 'data', '--device', 'cpu', *bad]
+    code, _, err = call_main(module, argv, monkeypatch, capsys)
+    assert_one_error_line(code, err, bad[0])
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+@pytest.mark.xfail(reason='known bug, see the report: evaluate() averages over full batches only, so a validation split '
+                          'with fewer windows than --batch-size (which prepare.py accepts) gives nan',
+                   raises=AssertionError, strict=True)
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')  # numpy's mean of an empty list
+def test_evaluate_is_finite_on_a_small_validation_split(module, workdir, capsys):
+    """evaluate() gives a finite figure on any text prepare.py accepts, whatever --batch-size (default 32)."""
+    args = module.parse_args(['--data-dir', str(workdir / 'data'), '--block-size', '32', '--device', 'cpu'])
+    _, split = module.load_data(args.data_dir)
+    assert len(module.val_windows(split['val'], 32)) < args.batch_size  # the case in question
+    torch.manual_seed(0)
+    model = module.Transformer(tiny_config(module, vocab_size=len(module.load_data(args.data_dir)[0]), block_size=32))
+    assert math.isfinite(module.evaluate(model, args))
+
+
+@pytest.mark.xfail(reason='known bug, see the report: prepare.py --out-dir naming a file ends in FileExistsError',
+                   raises=FileExistsError, strict=True)
+def test_prepare_out_dir_that_is_a_file(tmp_path, monkeypatch, capsys):
+    """prepare.py --out-dir naming an existing file: one error line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'corpus.txt').write_text(corpus())
+    (tmp_path / 'data').write_text('not a folder')
+    assert_one_error_line(*call_main(prepare, ['--input', 'corpus.txt'], monkeypatch, capsys)[::2], 'data')
+
+
+# -----------------------------------------------------------------------------
+# resume and atomic saves (real processes and real signals)
+
+RESUME_ITERS = 120
+
+
+def train_cmd(script, out, *extra):
+    return [sys.executable, str(REPO / script), '--train', *TINY, '--max-iters', str(RESUME_ITERS), '--eval-interval', '1000',
+            '--device', 'cpu', '--out', str(out), *map(str, extra)]
+
+
+@pytest.fixture(scope='module', params=['gpt.py', 'diffusion.py'])
+def resumed(request, workdir):
+    """Run A trains RESUME_ITERS steps; run B gets Ctrl-C after its first progress line and then --resume."""
+    script = request.param
+    a, b = workdir / f'resume_a_{script}.pt', workdir / f'resume_b_{script}.pt'
+    res = subprocess.run(train_cmd(script, a), cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    proc = subprocess.Popen(train_cmd(script, b), cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = ''
+    for line in proc.stdout:
+        first += line
+        if line.startswith('step 10/'):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    stopped = torch.load(b, weights_only=True)['step']
+    res = subprocess.run(train_cmd(script, b, '--resume'), cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return dict(a=torch.load(a, weights_only=True), b=torch.load(b, weights_only=True), stopped=stopped,
+                interrupted=first + out, resumed=res.stdout)
+
+
+def test_ctrl_c_saves_and_resume_continues(resumed):
+    """Ctrl-C saves mid-run and exits 0 with the resume command; --resume continues from that step to the end."""
+    assert 10 <= resumed['stopped'] < RESUME_ITERS
+    assert 'interrupted' in resumed['interrupted'] and '--resume' in resumed['interrupted']
+    assert f"from step {resumed['stopped']}" in resumed['resumed']
+    assert resumed['b']['step'] == RESUME_ITERS
+
+
+def test_resume_is_exact(resumed):
+    """Interrupting and resuming gives the same weights as an uninterrupted run (optimizer and RNG restored)."""
+    a, b = resumed['a']['model'], resumed['b']['model']
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_killed_training_never_corrupts_the_checkpoint(workdir, tmp_path):
+    """SIGKILL at random moments of a run that saves every step: the checkpoint on disk always loads."""
+    out = tmp_path / 'k.pt'
+    rng = random.Random(0)
+    for attempt in range(2):
+        extra = ['--resume'] if attempt else []
+        cmd = train_cmd('gpt.py', out, *extra)
+        cmd[cmd.index('--max-iters') + 1], cmd[cmd.index('--eval-interval') + 1] = '100000', '1'
+        proc = subprocess.Popen(cmd, cwd=workdir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline, loads, steps = time.time() + 300, 0, set()  # generous: a busy machine starves the child
+            while time.time() < deadline and (loads < 20 or len(steps) < 3):  # read it while it is being rewritten
+                time.sleep(0.01)
+                if out.exists():
+                    steps.add(torch.load(out, weights_only=True)['step'])
+                    loads += 1
+                assert proc.poll() is None, proc.stderr.read()
+            assert len(steps) >= 3, 'the run never checkpointed'
+            time.sleep(rng.uniform(0, 0.05))
+        finally:
+            proc.kill()
+            proc.wait()
+        ckpt = torch.load(out, weights_only=True)
+        assert ckpt['step'] >= max(steps)

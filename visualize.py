@@ -1,0 +1,221 @@
+"""
+Watch the models write, in the terminal.
+
+    python visualize.py              the diffusion model turning blanks into text, one frame per step
+    python visualize.py --compare    the GPT (left to right) beside the diffusion model (everywhere at once)
+    python visualize.py --benchmark  quality against speed: diffusion at 16 to 256 steps, and the GPT
+
+Each sampler runs once while every step it takes is recorded with the real time it took; the
+recording is then played back at that speed, plus --delay per frame so that fast machines can be
+watched. With --compare both recordings play at once, so the columns race on the clock of their
+sampling. When stdout is not a terminal, only the final texts and their timings are printed.
+"""
+import argparse
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import diffusion
+import gpt
+from diffusion import die
+
+BLANK = '_'  # the mask token of the absorbing diffusion: a position not yet decided
+SEPARATOR = ' │ '
+RESET, BOLD, DIM, CHANGED = '\x1b[0m', '\x1b[1m', '\x1b[2m', '\x1b[1;7m'  # reversed: readable on any theme
+HIDE_CURSOR, SHOW_CURSOR = '\x1b[?25l', '\x1b[?25h'
+
+@dataclass
+class Recording:
+    name: str
+    vocab: str
+    frames: list  # the token ids of the sample after each forward pass
+    stamps: list  # seconds of sampling up to each frame
+    seconds: float  # wall time of the whole sampling run
+
+    def text(self):
+        return ''.join(self.vocab[t] for t in self.frames[-1])
+
+    def summary(self):
+        return f'{self.name} ({len(self.frames)} forward passes, {self.seconds:.2f} s)'
+
+def record(name, vocab, sample, seed):
+    """Run sample(callback) once, keeping every frame it reports and when it reported it."""
+    frames, stamps = [], []
+
+    def callback(step, x):
+        frames.append(x[0].tolist())  # .tolist() waits for the device, so the stamp is honest on a GPU too
+        stamps.append(time.perf_counter() - t0)
+    torch.manual_seed(seed)  # the same sample as `python diffusion.py --seed` (or gpt.py) with the same flags
+    t0 = time.perf_counter()
+    sample(callback)
+    return Recording(name, vocab, frames, stamps, time.perf_counter() - t0)
+
+def load(module, path, args):
+    model, ckpt = module.load_checkpoint(path)
+    if args.length > model.config.block_size:
+        die(f'--length {args.length} is longer than the context of {path} ({model.config.block_size} characters)')
+    model = model.to(args.device).eval()
+    # the first forward passes on a device pay one-off set-up costs; keep them out of the timings
+    module.generate(model, 1, 1, device=args.device)
+    return model, ckpt['vocab']
+
+# -----------------------------------------------------------------------------
+# drawing
+
+def visible(c):
+    # one terminal cell per character, so that positions stay put from frame to frame
+    return '↵' if c == '\n' else c if c.isprintable() else '?'
+
+def render(rec, k, width, length, color):
+    """The lines of one column: a header, then frame k on a grid `width` cells wide."""
+    glyphs = [visible(c) for c in rec.vocab] + [BLANK]  # token id len(vocab) is the mask
+    frame, before = rec.frames[k], rec.frames[k - 1] if k else []
+    cells = []
+    for i in range(length):
+        if i >= len(frame):  # the GPT has not got this far yet
+            cells.append(' ')
+        elif color and frame[i] == len(rec.vocab):
+            cells.append(DIM + BLANK + RESET)
+        elif color and (i >= len(before) or before[i] != frame[i]):  # changed by the last step
+            cells.append(CHANGED + glyphs[frame[i]] + RESET)
+        else:
+            cells.append(glyphs[frame[i]])
+    header = f'{rec.name}  step {k + 1}/{len(rec.frames)}  {rec.stamps[k]:.2f} s'[:width].ljust(width)
+    rows = [cells[i:i + width] for i in range(0, length, width)]
+    return [BOLD + header + RESET if color else header] + [''.join(row) + ' ' * (width - len(row)) for row in rows]
+
+def play(recordings, length, delay, color):
+    """Redraw the columns in place, each frame at the moment its sampler produced it (plus the delays)."""
+    columns = shutil.get_terminal_size().columns - 1  # a line that fills the last column would wrap in some terminals
+    side_by_side = len(recordings) == 2 and columns >= 79
+    width = (columns - len(SEPARATOR)) // 2 if side_by_side else columns
+    events = sorted((stamp + (k + 1) * delay, i, k)  # (when to show it, column, frame)
+                    for i, rec in enumerate(recordings) for k, stamp in enumerate(rec.stamps))
+    shown, height = [0] * len(recordings), 0
+    start = time.perf_counter()
+    for j, (due, i, k) in enumerate(events):
+        time.sleep(max(0.0, due - (time.perf_counter() - start)))
+        shown[i] = k
+        if j + 1 < len(events) and events[j + 1][0] <= time.perf_counter() - start:
+            continue  # running late: skip to the newest frame rather than draw every one
+        blocks = [render(rec, k, width, length, color) for rec, k in zip(recordings, shown)]
+        if side_by_side:
+            lines = [left + SEPARATOR + right for left, right in zip(*blocks)]
+        else:
+            lines = blocks[0] + [line for block in blocks[1:] for line in [''] + block]
+        up = f'\x1b[{height}A\r' if height else ''  # back to the top of the previous frame
+        sys.stdout.write(up + ''.join(line + '\x1b[K\n' for line in lines))
+        sys.stdout.flush()
+        height = len(lines)
+
+# -----------------------------------------------------------------------------
+# benchmark
+
+@torch.no_grad()
+def generative_bits(judge, x):
+    """Bits/char of each sample under the GPT (generative perplexity, the SEDD paper's measure of quality)."""
+    batch = torch.cat([torch.zeros_like(x[:, :1]), x], 1)  # the GPT's start token first, as in gpt.generate
+    logits = judge(batch[:, :-1])
+    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction='none').mean(1)
+    return nats / math.log(2)
+
+def real_words(texts, data_dir):
+    """The fraction of the words in texts that occur in the training text (None without data/)."""
+    path = os.path.join(data_dir, 'train.bin')
+    if not os.path.exists(path):
+        return None
+    vocab, split = gpt.load_data(data_dir)
+    known = set(re.findall(r"[A-Za-z']+", ''.join(vocab[t] for t in split['train'].tolist())))
+    words = [w for text in texts for w in re.findall(r"[A-Za-z']+", text)]
+    return sum(w in known for w in words) / max(1, len(words))
+
+def benchmark(args, num_samples=32):
+    judge, vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
+    model, diffusion_vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
+    if vocab != diffusion_vocab:
+        die('the GPT and the diffusion model were trained on different vocabularies; give matching --gpt-ckpt and --diffusion-ckpt')
+    samplers = [('GPT, temperature 1', args.length, lambda n: gpt.generate(judge, n, args.length, device=args.device))]
+    samplers += [(f'diffusion, {steps} steps', steps + 1, lambda n, steps=steps: diffusion.generate(model, n, args.length, steps, args.device))
+                 for steps in (16, 32, 64, 128, 256)]
+    print(f'| sampler | forward passes | seconds for 1 x {args.length} characters | generative bits/char ({num_samples} samples) | real words |')
+    print('|---|---|---|---|---|')
+    for name, passes, sample in samplers:
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        sample(1)
+        seconds = time.perf_counter() - t0
+        x = sample(num_samples)
+        bits = generative_bits(judge, x)
+        words = real_words([''.join(vocab[t] for t in row) for row in x.tolist()], gpt.defaults['data_dir'])
+        print(f'| {name} | {passes} | {seconds:.2f} | {bits.mean():.3f} ± {bits.std() / math.sqrt(num_samples):.3f} | '
+              f'{"-" if words is None else f"{words:.0%}"} |', flush=True)
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--compare', action='store_true', help='the GPT and the diffusion model side by side')
+    p.add_argument('--benchmark', action='store_true', help='print a table of sampling time and sample quality (needs both models)')
+    p.add_argument('--steps', type=int, default=128, help='denoising steps of the diffusion model (default: 128)')
+    p.add_argument('--length', type=int, default=256, help='characters, at most the context of the models (default: 256)')
+    p.add_argument('--seed', type=int, default=1337, help='default: 1337; same seed and flags, same text as diffusion.py and gpt.py')
+    p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
+    p.add_argument('--delay', type=float, default=0.02, help='seconds added after each frame, to watch it (default: 0.02)')
+    p.add_argument('--no-color', action='store_true', help='no ANSI colours (never any when stdout is not a terminal)')
+    p.add_argument('--gpt-ckpt', help=f'default: {gpt.defaults["out"]} if it exists, else {gpt.SHIPPED}')
+    p.add_argument('--diffusion-ckpt', help=f'default: {diffusion.defaults["out"]} if it exists, else {diffusion.SHIPPED}')
+    args = p.parse_args(argv)
+    if not (args.device == 'cpu' or args.device.startswith('cuda')):
+        die(f'unknown device {args.device!r}; use cpu or cuda')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        die('--device cuda was asked for but CUDA is not available here; use --device cpu')
+    if args.steps < 1:
+        die('--steps must be at least 1')
+    if args.length < 1:
+        die('--length must be at least 1')
+    if not 0 <= args.delay < math.inf:
+        die('--delay must be a number of seconds, 0 or more')
+    return args
+
+def run(args, animate):
+    samplers = []  # (name, vocabulary, sample(callback))
+    if args.compare:
+        gpt_model, vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
+        samplers.append(('GPT', vocab, lambda cb: gpt.generate(gpt_model, 1, args.length, device=args.device, callback=cb)))
+    diffusion_model, vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
+    samplers.append(('diffusion', vocab, lambda cb: diffusion.generate(diffusion_model, 1, args.length, args.steps, args.device, cb)))
+    recordings = []
+    for name, vocab, sample in samplers:
+        if animate:
+            print(f'sampling with the {name} model...\x1b[K', end='\r', flush=True)
+        recordings.append(record(name, vocab, sample, args.seed))
+    if not animate:
+        return print('\n\n'.join(f'=== {rec.summary()} ===\n{rec.text()}' for rec in recordings))
+    sys.stdout.write(HIDE_CURSOR)
+    play(recordings, args.length, args.delay, color=not args.no_color)
+    print('\n'.join(rec.summary() for rec in recordings))
+
+def main():
+    args = parse_args()
+    if args.benchmark:
+        return benchmark(args)
+    animate = sys.stdout.isatty()
+    try:
+        run(args, animate)
+    except KeyboardInterrupt:  # Ctrl-C ends the show early, without a traceback
+        if animate:
+            print()
+    finally:
+        if animate:
+            sys.stdout.write(RESET + SHOW_CURSOR)
+            sys.stdout.flush()
+
+if __name__ == '__main__':
+    main()
