@@ -28,7 +28,7 @@ KIND = 'diffusion'
 # hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
 defaults = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model; diffusion: noise is regularisation enough
-    batch_size=32, max_iters=8000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation
+    batch_size=32, max_iters=7000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation
     weight_decay=0.1, grad_clip=1.0,
     eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping
     data_dir='data', out='out/diffusion.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
@@ -146,8 +146,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         out = self.head(self.ln_f(x)).float()
-        if self.config.graph == 'absorb':
-            # exact form of the absorbing score: s_y = p(x_0 = y | x_t) / (e^sigma_bar - 1) at a mask
+        if self.config.graph == 'absorb':  # the exact form of its score at a mask: s_y = p(x_0 = y | x_t) / (e^sigma_bar - 1)
             return out.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))[:, None, None]
         return out.scatter(-1, idx[..., None], 0.0)  # s(x_t) at y = x_t is p_t(x_t) / p_t(x_t) = 1
 
@@ -168,8 +167,7 @@ def noise(t, graph):
     if graph == 'uniform':  # geometric: sigma_bar(t) = smin^(1-t) smax^t
         sigma_bar = SIGMA_MIN ** (1 - t) * SIGMA_MAX ** t
         return sigma_bar, sigma_bar * math.log(SIGMA_MAX / SIGMA_MIN)
-    # absorb, log-linear: a character is masked with probability exactly t, all are at t = 1
-    return -torch.log1p(-t), 1 / (1 - t)
+    return -torch.log1p(-t), 1 / (1 - t)  # absorb, log-linear: a character is masked with probability exactly t
 
 def perturb(x0, sigma_bar, graph, vocab_size):
     """Draw x_t ~ p_t|0(. | x_0) independently at every position."""
@@ -266,20 +264,19 @@ def get_lr(it, args):
 def estimate_loss(model, split, args):
     model.eval()
     out = {}
-    with torch.random.fork_rng():  # evaluating leaves the training's random numbers alone, so resuming is exact
+    with torch.random.fork_rng(), autocast(args.device):  # leaves the training's random numbers alone: resuming is exact
         generator = torch.Generator().manual_seed(args.seed)  # the same batches at every evaluation
         for name, data in split.items():
-            losses = []
-            for _ in range(args.eval_iters):
-                batch = get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)
-                with autocast(args.device):
-                    losses.append(loss_fn(model, batch).item())
-            out[name] = sum(losses) / len(losses) / math.log(2)
+            losses = [loss_fn(model, get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)).item()
+                      for _ in range(args.eval_iters)]
+            out[name] = np.mean(losses) / math.log(2)
     model.train()
     return out
 
 def train(args):
     vocab, split = load_data(args.data_dir)
+    if min(len(data) for data in split.values()) < args.block_size + EXTRA:
+        die(f'--block-size {args.block_size} is longer than the validation text; use a smaller one or more text')
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     config = Config(vocab_size=len(vocab), **{k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'graph')})
@@ -309,14 +306,14 @@ def train(args):
     stop = []  # Ctrl-C asks the loop to save and stop at the end of the current step
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     tokens_per_step = args.batch_size * config.block_size
-    t0, last_good = time.time(), None
+    t0 = time.time()
     while step < args.max_iters and not stop:
         optimizer.param_groups[0]['lr'] = get_lr(step, args)
         batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
         with autocast(args.device):
             loss = loss_fn(model, batch)
         if not math.isfinite(loss.item()):
-            die(f'loss became {loss.item()} at step {step}; the last good checkpoint ({last_good or "none"}) is kept; try a lower --lr')
+            die(f'loss became {loss.item()} at step {step}; the last checkpoint saved is kept; try a lower --lr')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -334,11 +331,9 @@ def train(args):
             losses = estimate_loss(model, split, args)
             print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
             checkpoint(losses['val'])
-            last_good = args.out
             t0 = time.time()
     if step == args.max_iters:  # the figure stored with the model: the whole validation set
-        with torch.random.fork_rng():
-            checkpoint(evaluate(model, args))
+        checkpoint(evaluate(model, args))
     print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
 
 @torch.no_grad()
@@ -347,14 +342,14 @@ def evaluate(model, args):
     model.eval()
     _, split = load_data(args.data_dir)
     windows = val_windows(split['val'], model.config.block_size)
-    torch.manual_seed(args.seed)
-    means = []
-    for _ in range(args.eval_passes):  # diffusion: the NELBO averages over random t and x_t, so repeat
-        for i in range(0, len(windows) - args.batch_size + 1, args.batch_size):
-            with autocast(args.device):
-                means.append(loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() / math.log(2))
+    batch_size, means = min(args.batch_size, len(windows)), []
+    with torch.random.fork_rng(), autocast(args.device):
+        torch.manual_seed(args.seed)  # diffusion: the loss draws t and x_t at random; the same draws every time
+        for _ in range(args.eval_passes):  # diffusion: and it averages over them, so repeat
+            for i in range(0, len(windows) - batch_size + 1, batch_size):
+                means.append(loss_fn(model, windows[i:i + batch_size].to(args.device)).item() / math.log(2))
     nelbo, se = np.mean(means), np.std(means, ddof=1) / math.sqrt(len(means))
-    print(f'validation NELBO: {nelbo:.4f} +- {se:.4f} bits/char ({len(means)} batches of {args.batch_size} windows of {model.config.block_size})')
+    print(f'validation NELBO: {nelbo:.4f} +- {se:.4f} bits/char ({len(means)} batches of {batch_size} windows of {model.config.block_size})')
     if os.path.exists('weights/gpt.pt'):  # diffusion: the baseline it is compared with
         print(f"the GPT of weights/gpt.pt: {torch.load('weights/gpt.pt', map_location='cpu', weights_only=True)['summary']['val_bpc']:.4f} bits/char")
     model.train()
@@ -371,7 +366,8 @@ def tweedie_probs(score, x, dsigma, graph):
         unmask = torch.expm1(dsigma) * score
         probs = torch.cat([unmask, 1 - unmask.sum(-1, keepdim=True)], dim=-1)
         return torch.where((x == N)[..., None], probs, F.one_hot(x, N + 1).to(probs))
-    staggered = dsigma.exp() * score + (1 - dsigma.exp()) * score.sum(-1, keepdim=True) / N  # exp(-dsigma Q) = J/N + e^dsigma (I - J/N)
+    mean = score.mean(-1, keepdim=True)
+    staggered = mean + dsigma.exp() * (score - mean)  # exp(-dsigma Q) = J/N + e^dsigma (I - J/N)
     transition = -torch.expm1(-dsigma) / N + (-dsigma).exp() * F.one_hot(x, N)  # exp(dsigma Q) = J/N + e^-dsigma (I - J/N)
     return staggered * transition
 
@@ -413,9 +409,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
         die(f'--device {args.device}: ' + ('CUDA is not available here' if args.device.startswith('cuda') else 'unknown device') + '; use --device cpu')
-    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'steps', 'eval_passes'):
+    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size', 'steps', 'eval_passes'):
         if getattr(args, name) < 1:
             die(f'--{name.replace("_", "-")} must be at least 1')
+    if args.n_embd % (2 * args.n_head):
+        die(f'--n-embd {args.n_embd} must be a multiple of 2 x --n-head ({args.n_head}): each head rotates pairs of channels')
     if args.graph not in ('uniform', 'absorb'):
         die(f'unknown --graph {args.graph!r}; use uniform or absorb')
     return args
@@ -431,6 +429,8 @@ def main():
     print(f'loaded {path} (step {ckpt["step"]}, {s["tokens"] / 1e6:.1f}M tokens, {s["seconds"] / 60:.1f} min on {s.get("hardware")}, '
           f'val {s.get("val_bpc", float("nan")):.3f} bits/char)', file=sys.stderr)
     if args.export:
+        if os.path.isdir(args.export):
+            die(f'--export {args.export} is a folder; give a file name, e.g. {args.export}/{KIND}.pt')
         save_checkpoint(args.export, {k: v for k, v in ckpt.items() if k not in ('optimizer', 'rng')})
         return print(f'wrote {args.export}')
     if args.eval:

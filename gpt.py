@@ -198,20 +198,19 @@ def get_lr(it, args):
 def estimate_loss(model, split, args):
     model.eval()
     out = {}
-    with torch.random.fork_rng():  # evaluating leaves the training's random numbers alone, so resuming is exact
+    with torch.random.fork_rng(), autocast(args.device):  # leaves the training's random numbers alone: resuming is exact
         generator = torch.Generator().manual_seed(args.seed)  # the same batches at every evaluation
         for name, data in split.items():
-            losses = []
-            for _ in range(args.eval_iters):
-                batch = get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)
-                with autocast(args.device):
-                    losses.append(loss_fn(model, batch).item())
-            out[name] = sum(losses) / len(losses) / math.log(2)
+            losses = [loss_fn(model, get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)).item()
+                      for _ in range(args.eval_iters)]
+            out[name] = np.mean(losses) / math.log(2)
     model.train()
     return out
 
 def train(args):
     vocab, split = load_data(args.data_dir)
+    if min(len(data) for data in split.values()) < args.block_size + EXTRA:
+        die(f'--block-size {args.block_size} is longer than the validation text; use a smaller one or more text')
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     config = Config(vocab_size=len(vocab), **{k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout')})
@@ -241,14 +240,14 @@ def train(args):
     stop = []  # Ctrl-C asks the loop to save and stop at the end of the current step
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     tokens_per_step = args.batch_size * config.block_size
-    t0, last_good = time.time(), None
+    t0 = time.time()
     while step < args.max_iters and not stop:
         optimizer.param_groups[0]['lr'] = get_lr(step, args)
         batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
         with autocast(args.device):
             loss = loss_fn(model, batch)
         if not math.isfinite(loss.item()):
-            die(f'loss became {loss.item()} at step {step}; the last good checkpoint ({last_good or "none"}) is kept; try a lower --lr')
+            die(f'loss became {loss.item()} at step {step}; the last checkpoint saved is kept; try a lower --lr')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -266,11 +265,9 @@ def train(args):
             losses = estimate_loss(model, split, args)
             print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
             checkpoint(losses['val'])
-            last_good = args.out
             t0 = time.time()
     if step == args.max_iters:  # the figure stored with the model: the whole validation set
-        with torch.random.fork_rng():
-            checkpoint(evaluate(model, args))
+        checkpoint(evaluate(model, args))
     print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
 
 @torch.no_grad()
@@ -279,12 +276,11 @@ def evaluate(model, args):
     model.eval()
     _, split = load_data(args.data_dir)
     windows = val_windows(split['val'], model.config.block_size)
-    torch.manual_seed(args.seed)
-    means = []
-    for i in range(0, len(windows) - args.batch_size + 1, args.batch_size):
-        with autocast(args.device):
-            means.append(loss_fn(model, windows[i:i + args.batch_size].to(args.device)).item() / math.log(2))
-    print(f'validation loss: {np.mean(means):.4f} bits/char ({len(means)} batches of {args.batch_size} windows of {model.config.block_size})')
+    batch_size, means = min(args.batch_size, len(windows)), []
+    with torch.random.fork_rng(), autocast(args.device):
+        for i in range(0, len(windows) - batch_size + 1, batch_size):
+            means.append(loss_fn(model, windows[i:i + batch_size].to(args.device)).item() / math.log(2))
+    print(f'validation loss: {np.mean(means):.4f} bits/char ({len(means)} batches of {batch_size} windows of {model.config.block_size})')
     model.train()
     return float(np.mean(means))
 
@@ -321,9 +317,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
         die(f'--device {args.device}: ' + ('CUDA is not available here' if args.device.startswith('cuda') else 'unknown device') + '; use --device cpu')
-    for name in ('num_samples', 'length', 'max_iters', 'batch_size'):
+    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size'):
         if getattr(args, name) < 1:
             die(f'--{name.replace("_", "-")} must be at least 1')
+    if args.n_embd % (2 * args.n_head):
+        die(f'--n-embd {args.n_embd} must be a multiple of 2 x --n-head ({args.n_head}): each head rotates pairs of channels')
     if args.temperature <= 0:
         die('--temperature must be above 0')
     return args
@@ -339,6 +337,8 @@ def main():
     print(f'loaded {path} (step {ckpt["step"]}, {s["tokens"] / 1e6:.1f}M tokens, {s["seconds"] / 60:.1f} min on {s.get("hardware")}, '
           f'val {s.get("val_bpc", float("nan")):.3f} bits/char)', file=sys.stderr)
     if args.export:
+        if os.path.isdir(args.export):
+            die(f'--export {args.export} is a folder; give a file name, e.g. {args.export}/{KIND}.pt')
         save_checkpoint(args.export, {k: v for k, v in ckpt.items() if k not in ('optimizer', 'rng')})
         return print(f'wrote {args.export}')
     if args.eval:

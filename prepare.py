@@ -83,6 +83,8 @@ def main():
     meta = dict(vocab=vocab, vocab_size=len(vocab), n_chars=len(text), n_train=n_train,
                 n_val=len(text) - n_train, source=source,
                 sha256=hashlib.sha256(text.encode('utf-8')).hexdigest())
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        die(f'--out-dir {args.out_dir} is a file; give a folder name')
     os.makedirs(args.out_dir, exist_ok=True)
     write_atomic(os.path.join(args.out_dir, 'train.bin'), ids[:n_train].tobytes())
     write_atomic(os.path.join(args.out_dir, 'val.bin'), ids[n_train:].tobytes())

@@ -756,19 +756,12 @@ def test_too_long_sample_is_refused(trained):
     assert_one_error_line(res.returncode, res.stderr, '--length')
 
 
-KNOWN_BUG = 'known bug, see the report: a bad setting ends in a traceback instead of one error line'
-
-
 @pytest.mark.parametrize('module', [gpt, diffusion])
 @pytest.mark.parametrize('bad', [
-    pytest.param(['--block-size', '512'], id='block-size-longer-than-data',
-                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (RuntimeError in torch.randint, get_batch)', raises=RuntimeError, strict=True)),
-    pytest.param(['--n-head', '3'], id='n-head-not-dividing-n-embd',
-                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (RuntimeError in SelfAttention.forward view)', raises=RuntimeError, strict=True)),
-    pytest.param(['--eval-interval', '0'], id='eval-interval-0',
-                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (ZeroDivisionError: step % 0 in train)', raises=ZeroDivisionError, strict=True)),
-    pytest.param(['--eval-iters', '0'], id='eval-iters-0',
-                 marks=pytest.mark.xfail(reason=KNOWN_BUG + ' (ZeroDivisionError in estimate_loss)', raises=ZeroDivisionError, strict=True)),
+    pytest.param(['--block-size', '512'], id='block-size-longer-than-data'),
+    pytest.param(['--n-head', '3'], id='n-head-not-dividing-n-embd'),
+    pytest.param(['--eval-interval', '0'], id='eval-interval-0'),
+    pytest.param(['--eval-iters', '0'], id='eval-iters-0'),
 ])
 def test_bad_training_settings_give_one_line(module, bad, workdir, tmp_path, monkeypatch, capsys):
     """Training settings that cannot work are refused with one 'error:' line naming the flag."""
@@ -779,10 +772,6 @@ def test_bad_training_settings_give_one_line(module, bad, workdir, tmp_path, mon
 
 
 @pytest.mark.parametrize('module', [gpt, diffusion])
-@pytest.mark.xfail(reason='known bug, see the report: evaluate() averages over full batches only, so a validation split '
-                          'with fewer windows than --batch-size (which prepare.py accepts) gives nan',
-                   raises=AssertionError, strict=True)
-@pytest.mark.filterwarnings('ignore::RuntimeWarning')  # numpy's mean of an empty list
 def test_evaluate_is_finite_on_a_small_validation_split(module, workdir, capsys):
     """evaluate() gives a finite figure on any text prepare.py accepts, whatever --batch-size (default 32)."""
     args = module.parse_args(['--data-dir', str(workdir / 'data'), '--block-size', '32', '--device', 'cpu'])
@@ -793,8 +782,6 @@ def test_evaluate_is_finite_on_a_small_validation_split(module, workdir, capsys)
     assert math.isfinite(module.evaluate(model, args))
 
 
-@pytest.mark.xfail(reason='known bug, see the report: prepare.py --out-dir naming a file ends in FileExistsError',
-                   raises=FileExistsError, strict=True)
 def test_prepare_out_dir_that_is_a_file(tmp_path, monkeypatch, capsys):
     """prepare.py --out-dir naming an existing file: one error line."""
     monkeypatch.chdir(tmp_path)
