@@ -28,7 +28,7 @@ KIND = 'diffusion'
 # hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
 defaults = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model; diffusion: noise is regularisation enough
-    batch_size=32, max_iters=7000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation
+    batch_size=32, max_iters=7000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation; diffusion: learns slower per step
     weight_decay=0.1, grad_clip=1.0,
     eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping
     data_dir='data', out='out/diffusion.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
@@ -334,7 +334,7 @@ def train(args):
             t0 = time.time()
     if step == args.max_iters:  # the figure stored with the model: the whole validation set
         checkpoint(evaluate(model, args))
-    print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
+    print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {" ".join(a for a in sys.argv if a != "--resume")} --resume' if stop else ''))
 
 @torch.no_grad()
 def evaluate(model, args):
@@ -403,7 +403,7 @@ def parse_args(argv=None):
     p.add_argument('--num-samples', type=int, default=1)
     p.add_argument('--length', type=int, default=256, help='characters per sample')
     p.add_argument('--steps', type=int, default=128, help='denoising steps')
-    p.add_argument('--eval-passes', type=int, default=8, help='with --eval: scores of each validation window')
+    p.add_argument('--eval-passes', type=int, default=20, help='with --eval: scores of each validation window')
     for k, v in defaults.items():
         p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
     args = p.parse_args(argv)

@@ -268,7 +268,7 @@ def train(args):
             t0 = time.time()
     if step == args.max_iters:  # the figure stored with the model: the whole validation set
         checkpoint(evaluate(model, args))
-    print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {KIND}.py --train --resume' if stop else ''))
+    print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {" ".join(a for a in sys.argv if a != "--resume")} --resume' if stop else ''))
 
 @torch.no_grad()
 def evaluate(model, args):

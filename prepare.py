@@ -15,7 +15,7 @@ import requests
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
-MIN_CHARS = 258  # one context window of the default models (256) plus one, in each split
+MIN_CHARS = 257  # one context window of the default models (256) plus one, in each split
 
 
 def die(msg):
@@ -71,8 +71,8 @@ def main():
     if not text:
         die(f'{args.input} is empty; give a file with some text in it')
     vocab = ''.join(sorted(set(text)))
-    if len(vocab) > 65535:
-        die(f'the text has {len(vocab):,} distinct characters, more than uint16 token ids can hold (65,535)')
+    if len(vocab) > 65536:
+        die(f'the text has {len(vocab):,} distinct characters, more than uint16 token ids can hold (65,536)')
     n_train = int(0.9 * len(text))
     if len(text) - n_train < MIN_CHARS:
         die(f'the text has {len(text):,} characters; it needs at least {10 * MIN_CHARS:,} '
