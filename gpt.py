@@ -175,7 +175,7 @@ def load_checkpoint(path):
     try:
         model = Transformer(Config(**ckpt['config']))
         model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
-    except (TypeError, RuntimeError):
+    except (KeyError, TypeError, RuntimeError):
         die(f'{path} does not match this version of {KIND}.py; retrain with: python {KIND}.py --train')
     return model, ckpt
 
@@ -203,7 +203,7 @@ def estimate_loss(model, split, args):
         for name, data in split.items():
             losses = [loss_fn(model, get_batch(data, args.batch_size, model.config.block_size, generator).to(args.device)).item()
                       for _ in range(args.eval_iters)]
-            out[name] = np.mean(losses) / math.log(2)
+            out[name] = float(np.mean(losses)) / math.log(2)
     model.train()
     return out
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import diffusion  # noqa: E402
 import gpt  # noqa: E402
 import prepare  # noqa: E402
+import visualize  # noqa: E402
 
 # tiny models for everything that trains; one thread, so that two processes never fight over cores
 TINY = ['--n-layer', '1', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '8', '--eval-iters', '2']
@@ -788,6 +789,312 @@ def test_prepare_out_dir_that_is_a_file(tmp_path, monkeypatch, capsys):
     (tmp_path / 'corpus.txt').write_text(corpus())
     (tmp_path / 'data').write_text('not a folder')
     assert_one_error_line(*call_main(prepare, ['--input', 'corpus.txt'], monkeypatch, capsys)[::2], 'data')
+
+
+def test_prepare_vocabulary_limit_is_uint16(tmp_path, monkeypatch, capsys):
+    """prepare.py keeps 65,536 distinct characters (ids 0..65535) and refuses 65,537 with one line, writing nothing."""
+    monkeypatch.chdir(tmp_path)
+    chars = [chr(c) for c in range(0x10000, 0x10000 + 65537)]  # outside the BMP: no surrogates, all valid UTF-8
+    (tmp_path / 'wide.txt').write_text(''.join(chars), encoding='utf-8')
+    code, _, err = call_main(prepare, ['--input', 'wide.txt', '--out-dir', 'wide'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_error_line(code, err, '65,537 distinct characters')
+    assert not (tmp_path / 'wide').exists()
+    (tmp_path / 'full.txt').write_text(''.join(chars[:65536]), encoding='utf-8')
+    code, _, err = call_main(prepare, ['--input', 'full.txt', '--out-dir', 'full'], monkeypatch, capsys)
+    assert code == 0, err
+    vocab, split = gpt.load_data('full')
+    ids = np.concatenate([split['train'], split['val']])
+    assert len(vocab) == 65536 and ids.max() == 65535 and ''.join(vocab[i] for i in ids) == ''.join(chars[:65536])
+
+
+class FakeResponse:
+    """What requests.get returns: a body and a status that raise_for_status turns into an HTTPError."""
+
+    def __init__(self, content=b'', status_code=200):
+        self.content, self.status_code = content, status_code
+
+    def raise_for_status(self):
+        if self.status_code >= 400:
+            raise prepare.requests.HTTPError(f'{self.status_code} Client Error: Not Found', response=self)
+
+
+@pytest.mark.parametrize('outcome,needles', [
+    pytest.param(prepare.requests.ConnectionError('Failed to establish a new connection'), ['could not download', 'ConnectionError'],
+                 id='no-network'),
+    pytest.param(prepare.requests.Timeout('Read timed out'), ['could not download', 'Timeout'], id='timeout'),
+    pytest.param(FakeResponse(status_code=404), ['could not download', 'HTTPError'], id='http-error'),
+    pytest.param(FakeResponse(b'First Citizen:\nBefore we proceed any further, hear me speak.\n'), ['incomplete or altered'],
+                 id='truncated'),
+])
+def test_prepare_download_failures_give_one_line(outcome, needles, tmp_path, monkeypatch, capsys):
+    """A failed or altered download (requests.get faked, no network) gives one line pointing to --input; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    urls = []
+
+    def fake_get(url, **kwargs):
+        urls.append(url)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+    monkeypatch.setattr(prepare.requests, 'get', fake_get)
+    code, _, err = call_main(prepare, [], monkeypatch, capsys)
+    assert code == 2
+    assert_one_error_line(code, err, *needles, 'python prepare.py --input FILE')
+    assert urls == [prepare.URL]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_resume_on_another_vocabulary_is_refused(module, trained, tmp_path, monkeypatch, capsys):
+    """--train --resume on a data/ of another vocabulary: one line naming the vocabulary, the checkpoint left unchanged."""
+    workdir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'shouting.txt').write_text(corpus().upper())  # as many characters, other ones
+    assert call_main(prepare, ['--input', 'shouting.txt', '--out-dir', 'other'], monkeypatch, capsys)[0] == 0
+    ckpt = tmp_path / 'ckpt.pt'
+    ckpt.write_bytes((workdir / 'out' / f'{module.KIND}.pt').read_bytes())
+    before, mtime = ckpt.read_bytes(), ckpt.stat().st_mtime_ns
+    argv = ['--train', '--resume', *TINY, '--max-iters', '40', '--eval-interval', '1', '--data-dir', 'other', '--out', ckpt, '--device', 'cpu']
+    code, _, err = call_main(module, argv, monkeypatch, capsys)
+    assert_one_error_line(code, err, 'another vocabulary', 'ckpt.pt')
+    assert ckpt.read_bytes() == before and ckpt.stat().st_mtime_ns == mtime
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'other', 'shouting.txt']  # no temp file either
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_foreign_file_is_not_a_checkpoint(module, tmp_path, monkeypatch, capsys):
+    """A file torch loads but that is not one of this project's checkpoints (a tensor, a dict without 'kind'): one line."""
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.zeros(3, 4), tmp_path / 'tensor.pt')
+    torch.save({'model': {'w': torch.zeros(2)}, 'step': 3}, tmp_path / 'no-kind.pt')
+    torch.save([1, 2, 3], tmp_path / 'list.pt')
+    for name in ('tensor.pt', 'no-kind.pt', 'list.pt'):
+        code, _, err = call_main(module, ['--ckpt', name, '--device', 'cpu'], monkeypatch, capsys)
+        assert_one_error_line(code, err, f'{name} is not a checkpoint of this project', f'python {module.KIND}.py --train')
+
+
+def other_version(ckpt, case):
+    """The checkpoint as a different config or an older or newer version of the code would have written it."""
+    if case == 'wider':
+        ckpt['config']['n_embd'] *= 2
+    elif case == 'unknown-config-key':
+        ckpt['config']['n_expert'] = 4
+    elif case == 'renamed-weight':
+        ckpt['model']['lm_head.weight'] = ckpt['model'].pop('head.weight')
+    elif case == 'no-config':
+        del ckpt['config']
+    return ckpt
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+@pytest.mark.parametrize('case', ['wider', 'unknown-config-key', 'renamed-weight', 'no-config'])
+def test_checkpoint_of_another_version_is_refused(case, module, trained, tmp_path, monkeypatch, capsys):
+    """A checkpoint whose config or weights do not fit this code's Transformer: one line 'does not match this version'."""
+    workdir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    ckpt = torch.load(workdir / 'out' / f'{module.KIND}.pt', weights_only=True)
+    torch.save(other_version(ckpt, case), tmp_path / 'old.pt')
+    code, _, err = call_main(module, ['--ckpt', 'old.pt', '--length', '8', '--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, f'old.pt does not match this version of {module.KIND}.py')
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a running process, from /proc/PID/stat (Linux)."""
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def wait_for_cpu(proc, seconds, timeout=300):
+    """Wait until proc has used `seconds` more CPU time: on a busy machine wall time says little."""
+    start, deadline = cpu_seconds(proc.pid), time.time() + timeout
+    while cpu_seconds(proc.pid) < start + seconds and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+
+
+SAMPLE_LONG = {'gpt.py': ['--num-samples', 10000, '--length', 32],  # 32 forward passes of 10,000 samples, about 7 s of CPU
+               'diffusion.py': ['--steps', 100000, '--length', 32]}  # 100,001 forward passes
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads CPU time from /proc')
+@pytest.mark.parametrize('script', ['gpt.py', 'diffusion.py'])
+def test_ctrl_c_while_sampling_exits_quietly(script, trained, tmp_path):
+    """Ctrl-C in the middle of sampling exits 0, with no traceback and no partial samples."""
+    workdir, _ = trained
+    with open(tmp_path / 'stdout', 'w') as stdout:
+        proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, SAMPLE_LONG[script]), '--device', 'cpu'],
+                                cwd=workdir, env=ENV, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    try:
+        err = proc.stderr.readline()  # 'loaded ...', printed after loading, just before sampling starts
+        assert err.startswith('loaded '), err + proc.stderr.read()
+        wait_for_cpu(proc, 0.3)  # well into generate()
+        assert proc.poll() is None, 'sampling ended before Ctrl-C: ' + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        err += proc.stderr.read()  # through the same reader: communicate() would miss what readline() buffered
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert 'Traceback' not in err and 'characters in' not in err, err
+    assert (tmp_path / 'stdout').read_text() == ''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='needs a pseudo-terminal')
+def test_ctrl_c_in_visualize_ends_the_show(trained):
+    """Ctrl-C while visualize.py samples in a terminal exits 0, with no traceback, and gives the cursor back."""
+    import pty
+    import select
+    workdir, _ = trained
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / 'visualize.py'), '--diffusion-ckpt', workdir / 'out' / 'diffusion.pt',
+                             '--steps', '100000', '--length', '32', '--delay', '0', '--device', 'cpu'],
+                            cwd=workdir, env=dict(ENV, COLUMNS='100', LINES='40', TERM='xterm'),
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    screen, interrupted = b'', None
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 300)
+            assert ready, 'visualize.py stalled'
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if interrupted is None and b'sampling with the diffusion model' in screen:
+                interrupted = len(screen)
+                proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode()
+    assert interrupted is not None and proc.returncode == 0, err
+    assert 'Traceback' not in err, err
+    after = screen[interrupted:].decode('utf-8', 'replace')
+    assert 'step ' not in after and visualize.SHOW_CURSOR in after  # no frame was drawn; the cursor is back
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_training_leaves_shipped_weights_alone(module, trained, tmp_path, monkeypatch, capsys):
+    """--train with the default --out writes out/<kind>.pt and leaves weights/<kind>.pt byte for byte as it was."""
+    workdir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    shipped = tmp_path / module.SHIPPED
+    shipped.parent.mkdir()
+    shipped.write_bytes((workdir / 'out' / f'{module.KIND}.pt').read_bytes())
+    before, mtime = shipped.read_bytes(), shipped.stat().st_mtime_ns
+    argv = ['--train', *TINY, '--max-iters', '2', '--eval-interval', '1', '--data-dir', workdir / 'data', '--device', 'cpu']
+    code, out, err = call_main(module, argv, monkeypatch, capsys)
+    assert code == 0, err
+    assert shipped.read_bytes() == before and shipped.stat().st_mtime_ns == mtime
+    assert os.listdir(shipped.parent) == [shipped.name]
+    assert torch.load(tmp_path / 'out' / f'{module.KIND}.pt', weights_only=True)['step'] == 2
+    assert f'saved out/{module.KIND}.pt at step 2' in out
+
+
+def test_too_long_sample_is_refused_by_gpt_and_visualize(trained, monkeypatch, capsys):
+    """--length beyond the context (32) is refused with one line by gpt.py and visualize.py; exactly the context is fine."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    assert_one_error_line(*call_main(gpt, ['--length', 33, '--device', 'cpu'], monkeypatch, capsys)[::2], '--length 33', '32')
+    for argv in (['--length', 33], ['--compare', '--length', 33], ['--benchmark', '--length', 33]):
+        code, _, err = call_main(visualize, [*argv, '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
+        assert_one_error_line(code, err, '--length 33', '.pt (32 characters)')
+    code, out, err = call_main(gpt, ['--length', 32, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0 and len(out) == 33, err  # 32 characters and print's newline
+
+
+@pytest.mark.parametrize('argv', [['--steps', '0'], ['--length', '0'], ['--device', 'tpu'], ['--device', 'cuda']], ids=' '.join)
+def test_visualize_bad_arguments_give_one_line(argv, capsys):
+    """visualize.parse_args refuses each bad argument with one 'error:' line naming it."""
+    if argv == ['--device', 'cuda'] and torch.cuda.is_available():
+        pytest.skip('CUDA is available here')
+    with pytest.raises(SystemExit) as e:
+        visualize.parse_args(argv)
+    assert_one_error_line(e.value.code, capsys.readouterr().err, argv[0].lstrip('-'))
+
+
+@pytest.mark.parametrize('module,bad', [(gpt, math.nan), (diffusion, math.nan), (gpt, math.inf)], ids=['gpt-nan', 'diffusion-nan', 'gpt-inf'])
+def test_nan_loss_stops_training_and_keeps_the_checkpoint(module, bad, workdir, tmp_path, monkeypatch, capsys):
+    """A training loss that turns nan or inf stops with one line naming the step; the last checkpoint stays as it was."""
+    out, real, seen = tmp_path / 'm.pt', module.loss_fn, {}
+
+    def diverging(model, batch):
+        loss = real(model, batch)
+        if torch.is_grad_enabled():  # a training step, not estimate_loss
+            seen['steps'] = seen.get('steps', 0) + 1
+            if seen['steps'] == 4:
+                seen['saved'] = out.read_bytes()  # the checkpoint of step 3, saved just before
+                return loss * bad
+        return loss
+    monkeypatch.setattr(module, 'loss_fn', diverging)
+    monkeypatch.chdir(tmp_path)
+    argv = ['--train', *TINY, '--max-iters', '10', '--eval-interval', '1', '--data-dir', workdir / 'data', '--out', out, '--device', 'cpu']
+    code, _, err = call_main(module, argv, monkeypatch, capsys)
+    assert code == 2
+    assert_one_error_line(code, err, f'loss became {bad} at step 3', '--lr')
+    assert seen['steps'] == 4 and out.read_bytes() == seen['saved']
+    assert os.listdir(tmp_path) == ['m.pt']
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt['step'] == 3 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_checkpoint_saved_mid_training_loads(module, workdir, tmp_path, monkeypatch, capsys):
+    """A checkpoint saved before --max-iters (here by Ctrl-C at step 2) loads, and --resume continues from it."""
+    real, seen = module.loss_fn, []
+
+    def interrupting(model, batch):
+        if torch.is_grad_enabled():
+            seen.append(1)
+            if len(seen) == 2:
+                signal.raise_signal(signal.SIGINT)  # train()'s handler: finish this step, save, stop
+        return real(model, batch)
+    monkeypatch.setattr(module, 'loss_fn', interrupting)
+    monkeypatch.chdir(tmp_path)
+    argv = ['--train', *TINY, '--max-iters', '4', '--eval-interval', '100', '--data-dir', workdir / 'data', '--out', 'm.pt', '--device', 'cpu']
+    code, out, err = call_main(module, argv, monkeypatch, capsys)
+    assert code == 0 and 'interrupted; saved m.pt at step 2' in out, err
+    assert module.load_checkpoint('m.pt')[1]['step'] == 2
+    code, out, err = call_main(module, [*argv, '--resume'], monkeypatch, capsys)
+    assert code == 0 and 'resuming m.pt from step 2' in out, err
+
+
+def test_benchmark_refuses_mismatched_vocabularies(trained, tmp_path, monkeypatch, capsys):
+    """visualize.py --benchmark with a GPT and a diffusion model of different vocabularies: one error line."""
+    workdir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    ckpt = torch.load(workdir / 'out' / 'gpt.pt', weights_only=True)
+    ckpt['vocab'] = ckpt['vocab'].upper()  # the same size, other characters
+    torch.save(ckpt, tmp_path / 'upper.pt')
+    argv = ['--benchmark', '--gpt-ckpt', 'upper.pt', '--diffusion-ckpt', workdir / 'out' / 'diffusion.pt', '--length', 16, '--device', 'cpu']
+    code, out, err = call_main(visualize, argv, monkeypatch, capsys)
+    assert_one_error_line(code, err, 'different vocabularies', '--gpt-ckpt', '--diffusion-ckpt')
+    assert out == ''  # no table was started
+
+
+def test_generative_bits_is_the_gpt_loss_in_bits():
+    """visualize.generative_bits(judge, x) is gpt.loss_fn on x after the start token, per sample, in bits."""
+    torch.manual_seed(0)
+    judge = gpt.Transformer(tiny_config(gpt)).eval()
+    with torch.no_grad():
+        for p in judge.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # far from uniform, so that every position matters
+    x = torch.randint(11, (4, 16))
+    bits = visualize.generative_bits(judge, x)
+    assert bits.shape == (4,)
+    with torch.no_grad():
+        batch = torch.cat([torch.zeros_like(x[:, :1]), x], 1)
+        assert abs(bits.mean().item() - gpt.loss_fn(judge, batch).item() / math.log(2)) < 1e-5
+        for i in range(4):
+            assert abs(bits[i].item() - gpt.loss_fn(judge, batch[i:i + 1]).item() / math.log(2)) < 1e-5
 
 
 # -----------------------------------------------------------------------------
