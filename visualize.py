@@ -125,13 +125,15 @@ def generative_bits(judge, x):
     nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction='none').mean(1)
     return nats / math.log(2)
 
-def real_words(texts, data_dir):
-    """The fraction of the words in texts that occur in the training text (None without data/)."""
-    path = os.path.join(data_dir, 'train.bin')
-    if not os.path.exists(path):
+def training_words(data_dir):
+    """Every word of the training text (None without data/), to check samples against."""
+    if not os.path.exists(os.path.join(data_dir, 'train.bin')):
         return None
     vocab, split = gpt.load_data(data_dir)
-    known = set(re.findall(r"[A-Za-z']+", ''.join(vocab[t] for t in split['train'].tolist())))
+    return set(re.findall(r"[A-Za-z']+", ''.join(vocab[t] for t in split['train'].tolist())))
+
+def real_words(texts, known):
+    """The fraction of the words in texts that occur in the set known."""
     words = [w for text in texts for w in re.findall(r"[A-Za-z']+", text)]
     return sum(w in known for w in words) / max(1, len(words))
 
@@ -140,6 +142,7 @@ def benchmark(args, num_samples=32):
     model, diffusion_vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
     if vocab != diffusion_vocab:
         die('the GPT and the diffusion model were trained on different vocabularies; give matching --gpt-ckpt and --diffusion-ckpt')
+    known = training_words(gpt.defaults['data_dir'])
     samplers = [('GPT, temperature 1', args.length, lambda n: gpt.generate(judge, n, args.length, device=args.device))]
     samplers += [(f'diffusion, {steps} steps', steps + 1, lambda n, steps=steps: diffusion.generate(model, n, args.length, steps, args.device))
                  for steps in (16, 32, 64, 128, 256)]
@@ -152,7 +155,7 @@ def benchmark(args, num_samples=32):
         seconds = time.perf_counter() - t0
         x = sample(num_samples)
         bits = generative_bits(judge, x)
-        words = real_words([''.join(vocab[t] for t in row) for row in x.tolist()], gpt.defaults['data_dir'])
+        words = None if known is None else real_words([''.join(vocab[t] for t in row) for row in x.tolist()], known)
         print(f'| {name} | {passes} | {seconds:.2f} | {bits.mean():.3f} ± {bits.std() / math.sqrt(num_samples):.3f} | '
               f'{"-" if words is None else f"{words:.0%}"} |', flush=True)
 
