@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -29,7 +30,7 @@ KIND = 'diffusion'
 defaults = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model; diffusion: noise is regularisation enough
     batch_size=32, max_iters=7000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation; diffusion: learns slower per step
-    weight_decay=0.1, grad_clip=1.0,
+    weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
     eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping
     data_dir='data', out='out/diffusion.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
 )
@@ -274,6 +275,15 @@ def estimate_loss(model, split, args):
     return out
 
 def train(args):
+    ddp = 'RANK' in os.environ  # started by torchrun, which runs one process per device and numbers them
+    if ddp:
+        if args.device.startswith('cuda'):
+            args.device = f'cuda:{os.environ["LOCAL_RANK"]}'  # this process's GPU on its machine
+            torch.cuda.set_device(args.device)
+        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if rank:
+        sys.stdout = open(os.devnull, 'w')  # rank 0 alone prints, evaluates and saves
     vocab, split = load_data(args.data_dir)
     if min(len(data) for data in split.values()) < args.block_size + EXTRA:
         die(f'--block-size {args.block_size} is longer than the validation text; use a smaller one or more text')
@@ -286,7 +296,10 @@ def train(args):
         if ckpt['vocab'] != vocab:
             die(f'{args.out} was trained on another vocabulary than {args.data_dir}/; prepare the same text or train afresh without --resume')
         config = model.config
-    model = model.to(args.device)
+    model = ddp_model = model.to(args.device)
+    if ddp:  # backward() averages the gradients of all processes, so that every copy takes the same step
+        ddp_model = nn.parallel.DistributedDataParallel(model)
+        ddp_model.config = config  # loss_fn reads model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     if args.resume:
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -294,28 +307,41 @@ def train(args):
         generator.set_state(ckpt['rng']['batches'])
         torch.set_rng_state(ckpt['rng']['torch'])
         print(f'resuming {args.out} from step {step}')
+    if rank:  # its own batches and noise. Checkpoints hold rank 0's random state only: one process resumes
+        seed = args.seed + rank + world * step  # step for step, the other ranks start new streams
+        generator.manual_seed(seed)
+        torch.manual_seed(seed)
     print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}')
 
     def checkpoint(val_bpc):
-        summary.update(val_bpc=val_bpc, hardware=torch.cuda.get_device_name() if 'cuda' in args.device
-                       else f'{platform.machine()} CPU, {torch.get_num_threads()} threads')
+        summary.update(val_bpc=val_bpc, hardware=f'{world} x ' * (world > 1) + (torch.cuda.get_device_name() if 'cuda' in args.device
+                       else f'{platform.machine()} CPU, {torch.get_num_threads()} threads'))
         save_checkpoint(args.out, dict(kind=KIND, config=asdict(config), vocab=vocab, model=model.state_dict(),
                                        optimizer=optimizer.state_dict(), step=step, summary=summary,
                                        rng=dict(batches=generator.get_state(), torch=torch.get_rng_state())))
 
-    stop = []  # Ctrl-C asks the loop to save and stop at the end of the current step
+    stop, stopping = [], False  # Ctrl-C asks the loop to save and stop at the end of the current step
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    tokens_per_step = args.batch_size * config.block_size
+    tokens_per_step = args.batch_size * args.grad_accum * world * config.block_size  # the global batch
     t0 = time.time()
-    while step < args.max_iters and not stop:
+    while step < args.max_iters and not stopping:
         optimizer.param_groups[0]['lr'] = get_lr(step, args)
-        batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
-        with autocast(args.device):
-            loss = loss_fn(model, batch)
-        if not math.isfinite(loss.item()):
-            die(f'loss became {loss.item()} at step {step}; the last checkpoint saved is kept; try a lower --lr')
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=args.device)
+        for micro_step in range(args.grad_accum):  # the mean gradient of grad_accum batches, one after the other
+            batch = get_batch(split['train'], args.batch_size, config.block_size, generator).to(args.device)
+            if ddp:  # average the gradients across processes once, after the last batch
+                ddp_model.require_backward_grad_sync = micro_step == args.grad_accum - 1
+            with autocast(args.device):
+                micro_loss = loss_fn(ddp_model, batch) / args.grad_accum
+            micro_loss.backward()
+            loss += micro_loss.detach()
+        shared = torch.stack([loss, torch.tensor(float(bool(stop)), device=args.device)])
+        if ddp:  # the mean loss, and Ctrl-C on any rank: all ranks must take the same branches below, or one
+            dist.all_reduce(shared)  # would wait forever in an all-reduce that the others never join
+        loss, stopping = shared[0].item() / world, shared[1].item() > 0
+        if not math.isfinite(loss):
+            die(f'loss became {loss} at step {step}; the last checkpoint saved is kept; try a lower --lr')
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         step += 1
@@ -325,16 +351,18 @@ def train(args):
         if step % 10 == 0 or step == args.max_iters:
             rate = summary['tokens'] / summary['seconds']
             eta = (args.max_iters - step) * tokens_per_step / rate
-            print(f'step {step}/{args.max_iters} | loss {loss.item() / math.log(2):.3f} bits/char | '
+            print(f'step {step}/{args.max_iters} | loss {loss / math.log(2):.3f} bits/char | '
                   f'lr {get_lr(step - 1, args):.1e} | {rate / 1e3:.1f}k tok/s | ETA {eta / 60:.1f} min', flush=True)
-        if step % args.eval_interval == 0 or step == args.max_iters or stop:
+        if rank == 0 and (step % args.eval_interval == 0 or step == args.max_iters or stopping):
             losses = estimate_loss(model, split, args)
             print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
             checkpoint(losses['val'])
             t0 = time.time()
-    if step == args.max_iters:  # the figure stored with the model: the whole validation set
+    if rank == 0 and step == args.max_iters:  # the figure stored with the model: the whole validation set
         checkpoint(evaluate(model, args))
-    print(f'{"interrupted; " if stop else ""}saved {args.out} at step {step}' + (f'; continue with: python {" ".join(a for a in sys.argv if a != "--resume")} --resume' if stop else ''))
+    print(f'{"interrupted; " if stopping else ""}saved {args.out} at step {step}' + (f'; continue with: python {" ".join(a for a in sys.argv if a != "--resume")} --resume' if stopping else ''))
+    if ddp:
+        dist.destroy_process_group()
 
 @torch.no_grad()
 def evaluate(model, args):
@@ -409,7 +437,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
         die(f'--device {args.device}: ' + ('CUDA is not available here' if args.device.startswith('cuda') else 'unknown device') + '; use --device cpu')
-    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size', 'steps', 'eval_passes'):
+    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'grad_accum', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size', 'steps', 'eval_passes'):
         if getattr(args, name) < 1:
             die(f'--{name.replace("_", "-")} must be at least 1')
     if args.n_embd % (2 * args.n_head):
