@@ -733,7 +733,7 @@ def test_prepare_rejects_bad_input(case, tmp_path, monkeypatch, capsys):
 
 BAD_ARGS = {
     gpt: [['--num-samples', '0'], ['--length', '0'], ['--temperature', '0'], ['--temperature', '-1'], ['--device', 'tpu'],
-          ['--device', 'cuda'], ['--max-iters', '0'], ['--batch-size', '0']],
+          ['--device', 'cuda'], ['--max-iters', '0'], ['--batch-size', '0'], ['--grad-accum', '0']],
     diffusion: [['--num-samples', '0'], ['--length', '0'], ['--steps', '0'], ['--eval-passes', '0'], ['--device', 'tpu'],
                 ['--device', 'cuda'], ['--graph', 'foo'], ['--max-iters', '0']],
 }
@@ -1171,3 +1171,111 @@ def test_killed_training_never_corrupts_the_checkpoint(workdir, tmp_path):
             proc.wait()
         ckpt = torch.load(out, weights_only=True)
         assert ckpt['step'] >= max(steps)
+
+
+# -----------------------------------------------------------------------------
+# more than one process: torchrun, two ranks on this CPU (gloo)
+
+RANK_DRIVER = '''
+import os, signal, sys
+import torch
+repo, name, stop_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, repo)
+module = __import__(name)
+real, records, rank = module.loss_fn, [], int(os.environ['RANK'])
+
+def recording(model, batch):  # each training batch, the random state of its noise or dropout, the weights it meets
+    if torch.is_grad_enabled():
+        records.append(dict(batch=batch, rng=torch.get_rng_state(), params=[p.detach().clone() for p in model.parameters()]))
+        recording.model = model
+        if rank == 1 and len(records) == stop_at:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C on rank 1 alone, during this step
+    return real(model, batch)
+module.loss_fn = recording
+sys.argv = [name + '.py', *sys.argv[4:]]
+module.main()
+torch.save(dict(records=records, final=[p.detach() for p in recording.model.parameters()]), f'rank{rank}.pt')
+'''
+TWO_RANK_STOP, TWO_RANK_ITERS = 4, 6
+TWO_RANK_ARGS = [*TINY, '--max-iters', TWO_RANK_ITERS, '--warmup-iters', 1, '--lr', 3e-3, '--eval-interval', 1000, '--device', 'cpu']
+
+
+@pytest.fixture(scope='module', params=[gpt, diffusion], ids=['gpt', 'diffusion'])
+def two_ranks(request, workdir, tmp_path_factory):
+    """torchrun --nproc_per_node=2 <model>.py --train, recording every rank's batches and weights; rank 1 gets
+    Ctrl-C during step TWO_RANK_STOP."""
+    module, d = request.param, tmp_path_factory.mktemp('ranks')
+    (d / 'driver.py').write_text(RANK_DRIVER)
+    args = ['driver.py', REPO, module.KIND, TWO_RANK_STOP, '--train', *TWO_RANK_ARGS, '--data-dir', workdir / 'data', '--out', 'two.pt']
+    res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *map(str, args)],
+                         cwd=d, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return dict(module=module, dir=d, stdout=res.stdout, ranks=[torch.load(d / f'rank{r}.pt', weights_only=True) for r in (0, 1)])
+
+
+def test_two_ranks_step_together_like_one_process(two_ranks, workdir, tmp_path, monkeypatch):
+    """The two ranks draw different batches and hold identical weights after every step, equal to those of one
+    process stepping with --grad-accum 2 over the same two batches (and the same noise or dropout)."""
+    module, (r0, r1) = two_ranks['module'], two_ranks['ranks']
+    assert len(r0['records']) == len(r1['records']) == TWO_RANK_STOP
+    micro = [record for pair in zip(r0['records'], r1['records']) for record in pair]  # rank 0's batch, then rank 1's
+    real, seen, drawn = module.loss_fn, [], []
+
+    def replaying(model, batch):
+        if not torch.is_grad_enabled():
+            return real(model, batch)
+        drawn.append(batch)
+        record = micro[len(seen)]
+        seen.append([p.detach().clone() for p in model.parameters()])
+        if len(seen) == 2 * TWO_RANK_STOP:
+            signal.raise_signal(signal.SIGINT)  # stop where the two ranks stopped
+        torch.set_rng_state(record['rng'])
+        return real(model, record['batch'])
+    monkeypatch.setattr(module, 'loss_fn', replaying)
+    module.train(module.parse_args([*map(str, TWO_RANK_ARGS), '--grad-accum', '2', '--data-dir', str(workdir / 'data'),
+                                    '--out', str(tmp_path / 'one.pt')]))
+    one, _ = module.load_checkpoint(str(tmp_path / 'one.pt'))
+    assert torch.equal(drawn[0], r0['records'][0]['batch'])  # rank 0 draws what a single process draws
+    before_after = [(a['params'], b['params'], seen[2 * step]) for step, (a, b) in enumerate(zip(r0['records'], r1['records']))]
+    for step, (p0, p1, p) in enumerate(before_after + [(r0['final'], r1['final'], list(one.parameters()))]):
+        if step < TWO_RANK_STOP:  # each rank its own batch, and its own noise or dropout
+            assert not torch.equal(r0['records'][step]['batch'], r1['records'][step]['batch']), step
+            assert not torch.equal(r0['records'][step]['rng'], r1['records'][step]['rng']), step
+        for a, b, c in zip(p0, p1, p):
+            assert torch.equal(a, b), step  # the ranks never drift apart
+            assert torch.allclose(a, c, rtol=0, atol=1e-6), (step, (a - c).abs().max())
+    moved = max((a - b).abs().max().item() for a, b in zip(r0['final'], r0['records'][0]['params']))
+    assert moved > 1e-3  # the weights did move: far more than the tolerance above
+
+
+def test_ctrl_c_on_one_rank_stops_both(two_ranks):
+    """Ctrl-C on rank 1 alone: both ranks finish that step and stop (none waits for the other forever), rank 0
+    saves and prints, once, and torchrun exits 0."""
+    r0, r1 = two_ranks['ranks']
+    assert len(r0['records']) == len(r1['records']) == TWO_RANK_STOP
+    lines = two_ranks['stdout'].splitlines()
+    saved = [line for line in lines if 'saved' in line]
+    assert len(saved) == 1 and saved[0].startswith(f'interrupted; saved two.pt at step {TWO_RANK_STOP}; continue with: python')
+    assert sum('M parameters' in line for line in lines) == sum(f'step {TWO_RANK_STOP}: train' in line for line in lines) == 1
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, workdir, monkeypatch, capsys):
+    """Two ranks write one checkpoint, rank 0's (its batch generator, the global token count), and a single
+    process resumes it to --max-iters."""
+    module, d = two_ranks['module'], two_ranks['dir']
+    assert sorted(os.listdir(d)) == ['driver.py', 'rank0.pt', 'rank1.pt', 'two.pt']  # no temp file left either
+    ckpt = torch.load(d / 'two.pt', weights_only=True)
+    assert ckpt['step'] == TWO_RANK_STOP and ckpt['summary']['tokens'] == TWO_RANK_STOP * 2 * 8 * 32
+    assert ckpt['summary']['hardware'].startswith('2 x ')
+    generator = torch.Generator().manual_seed(module.defaults['seed'])  # a single process's batches, as rank 0 draws them
+    _, split = module.load_data(str(workdir / 'data'))
+    for _ in range(TWO_RANK_STOP):
+        module.get_batch(split['train'], 8, 32, generator)
+    assert torch.equal(ckpt['rng']['batches'], generator.get_state())
+    monkeypatch.chdir(d)
+    argv = ['--train', '--resume', *TWO_RANK_ARGS, '--data-dir', workdir / 'data', '--out', 'two.pt']
+    code, out, err = call_main(module, argv, monkeypatch, capsys)
+    assert code == 0 and f'resuming two.pt from step {TWO_RANK_STOP}' in out, err
+    ckpt = torch.load(d / 'two.pt', weights_only=True)
+    assert ckpt['step'] == TWO_RANK_ITERS
+    assert ckpt['summary']['tokens'] == TWO_RANK_STOP * 2 * 8 * 32 + (TWO_RANK_ITERS - TWO_RANK_STOP) * 8 * 32
