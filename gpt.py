@@ -233,7 +233,7 @@ def train(args):
     model = ddp_model = model.to(args.device)
     if ddp:  # backward() averages the gradients of all processes, so that every copy takes the same step
         ddp_model = nn.parallel.DistributedDataParallel(model)
-        ddp_model.config = config  # loss_fn reads model.config
+        ddp_model.config = config  # diffusion.py's loss_fn reads model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     if args.resume:
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -241,15 +241,15 @@ def train(args):
         generator.set_state(ckpt['rng']['batches'])
         torch.set_rng_state(ckpt['rng']['torch'])
         print(f'resuming {args.out} from step {step}')
-    if rank:  # its own batches and noise. Checkpoints hold rank 0's random state only: one process resumes
-        seed = args.seed + rank + world * step  # step for step, the other ranks start new streams
+    if rank:  # its own batches and noise. A checkpoint holds rank 0's random state only: a single process resumes
+        seed = args.seed + rank + world * step  # step for step, other ranks start new streams, never ones used before
         generator.manual_seed(seed)
         torch.manual_seed(seed)
     print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}')
 
     def checkpoint(val_bpc):
-        summary.update(val_bpc=val_bpc, hardware=f'{world} x ' * (world > 1) + (torch.cuda.get_device_name() if 'cuda' in args.device
-                       else f'{platform.machine()} CPU, {torch.get_num_threads()} threads'))
+        device = torch.cuda.get_device_name() if 'cuda' in args.device else f'{platform.machine()} CPU, {torch.get_num_threads()} threads'
+        summary.update(val_bpc=val_bpc, hardware=f'{world} x {device}' if world > 1 else device)
         save_checkpoint(args.out, dict(kind=KIND, config=asdict(config), vocab=vocab, model=model.state_dict(),
                                        optimizer=optimizer.state_dict(), step=step, summary=summary,
                                        rng=dict(batches=generator.get_state(), torch=torch.get_rng_state())))
