@@ -6,6 +6,7 @@ s(x_t)_y = p_t(y) / p_t(x_t): how much likelier the noisy text would be with one
     python diffusion.py --train     train on data/ (see prepare.py) and save out/diffusion.pt
     python diffusion.py             sample from out/diffusion.pt, or the shipped weights/diffusion.pt
     python diffusion.py --eval      validation NELBO (an upper bound on the loss) in bits per character
+    python diffusion.py --infill "ROMEO:____________JULIET:"   fill in the _ with both sides in view
 
 `diff gpt.py diffusion.py` shows every change; the equation numbers are the README's.
 """
@@ -77,11 +78,11 @@ class Config:
 
 CAUSAL = False  # diffusion: every position attends to the whole sequence
 
-def rotary(q, k):
-    # rotary position embeddings: rotate pairs of channels by an angle proportional to the position
+def rotary(q, k, start=0):
+    # rotary position embeddings: rotate pairs of channels by an angle proportional to the position (start, start + 1, ...)
     T, hs = q.shape[-2], q.shape[-1]
     freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
-    angles = torch.arange(T, device=q.device, dtype=torch.float32)[:, None] * freqs
+    angles = torch.arange(start, start + T, device=q.device, dtype=torch.float32)[:, None] * freqs
     cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
     def rotate(x):
         x1, x2 = x.chunk(2, dim=-1)
@@ -400,26 +401,77 @@ def tweedie_probs(score, x, dsigma, graph):
     return staggered * transition
 
 @torch.no_grad()
-def generate(model, num_samples, length, steps=128, device='cpu', callback=None):
-    """Denoise all positions at once with the Tweedie sampler. callback(step, x) sees every step."""
-    N, graph = model.config.vocab_size, model.config.graph
-    x = torch.full((num_samples, length), N, device=device) if graph == 'absorb' else torch.randint(N, (num_samples, length), device=device)
+def generate(model, num_samples, length, steps=128, device='cpu', callback=None, given=None):
+    """Denoise all positions at once with the Tweedie sampler. callback(step, x) sees every step.
+    given: (length,) token ids to keep, and the mask id N at the positions to generate (by default, all of them).
+    A text longer than the context is made window by window; each window keeps the last half of the one before."""
+    N, graph, block = model.config.vocab_size, model.config.graph, model.config.block_size
+    x = (torch.full((length,), N) if given is None else given).to(device).repeat(num_samples, 1)
     ts = torch.linspace(1 - T_EPS, T_EPS, steps + 1, device=device)
-    for step in range(steps + 1):
-        sigma_bar = noise(ts[step], graph)[0]
-        dsigma = sigma_bar - (noise(ts[step + 1], graph)[0] if step < steps else 0)  # the last step goes to sigma_bar = 0
-        with autocast(device):
-            score = model(x, sigma_bar.expand(num_samples)).exp()
-        probs = tweedie_probs(score, x, dsigma, graph)
-        if step == steps and graph == 'absorb':
-            probs = probs[..., :N]  # no mask survives the final step
-        x = (probs.clamp(min=0) / torch.empty_like(probs).exponential_()).argmax(-1)  # a draw proportional to probs
-        if callback:
-            callback(step, x)
+    new = block - block // 2  # the characters each window adds to the one before
+    for start in range(0, max(length - block, 0) + new, new):
+        kept = x[:, start:start + block].clone()
+        free = kept == N
+        x_t = kept if graph == 'absorb' else torch.where(free, torch.randint(N, kept.shape, device=device), kept)
+        for step in range(steps + 1):
+            sigma_bar = noise(ts[step], graph)[0]
+            dsigma = sigma_bar - (noise(ts[step + 1], graph)[0] if step < steps else 0)  # the last step goes to sigma_bar = 0
+            with autocast(device):
+                score = model(x_t, sigma_bar.expand(num_samples)).exp()
+            probs = tweedie_probs(score, x_t, dsigma, graph)
+            if step == steps and graph == 'absorb':
+                probs = probs[..., :N]  # no mask survives the final step
+            x_t = (probs.clamp(min=0) / torch.empty_like(probs).exponential_()).argmax(-1)  # a draw proportional to probs
+            x_t = torch.where(free, x_t, kept)  # the given characters are put back after every step, as in SEDD's conditional sampler
+            if callback:
+                callback(step, x_t)
+        x[:, start:start + block] = x_t
     return x
+
+def measure(model, sample):
+    """Run sample() and return (its samples, forward passes, FLOPs, seconds). FLOPs are approximate: 2 x parameters
+    x characters fed, a multiply and an add per weight per character (attention's own work is left out)."""
+    fed = []
+    hook = model.register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].numel()))
+    t0 = time.perf_counter()
+    try:
+        x = sample()
+        if x.is_cuda:
+            torch.cuda.synchronize()  # the GPU runs ahead of Python: wait for it before reading the clock
+    finally:
+        hook.remove()
+    return x, len(fed), 2 * sum(p.numel() for p in model.parameters()) * sum(fed), time.perf_counter() - t0
 
 # -----------------------------------------------------------------------------
 # command line
+
+def encode(text, vocab, flag):
+    """The token ids of the text given with flag; one error line listing any characters the model does not know."""
+    ids = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted(set(text) - set(ids))
+    if unknown:
+        die(f'{flag} has characters the model does not know: {" ".join(map(repr, unknown))}; use only characters of its training text')
+    return [ids[c] for c in text]
+
+def conditioning(args, vocab, block_size):
+    """The length of the samples and the characters they keep: token ids, and len(vocab) (the mask) where to generate."""
+    if args.infill is None:
+        prompt, length = encode(args.prompt or '', vocab, '--prompt'), args.length or block_size  # by default, one context
+        if len(prompt) > block_size:
+            die(f'--prompt has {len(prompt)} characters, more than the context of {block_size}; give a shorter one')
+        if len(prompt) > length:
+            die(f'--prompt has {len(prompt)} characters, more than --length {length}; ask for a longer text')
+        return length, torch.tensor(prompt + [len(vocab)] * (length - len(prompt)))
+    # diffusion: a template, whose holes are filled with the text on both sides in view
+    if args.prompt is not None or args.length is not None:
+        die('--infill gives the whole text, and so its length; leave out --prompt and --length')
+    if len(args.hole) != 1 or args.hole in vocab:
+        die(f'--hole {args.hole!r} must be a single character that the model does not know, so that it cannot be meant as text')
+    if args.hole not in args.infill:
+        die(f'--infill has no {args.hole!r}; mark the characters to generate with it, or name another with --hole')
+    if len(args.infill) > block_size:
+        die(f'--infill has {len(args.infill)} characters, more than the context of {block_size}; give a shorter template')
+    return len(args.infill), torch.tensor(encode(args.infill, vocab + args.hole, '--infill'))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -429,7 +481,10 @@ def parse_args(argv=None):
     p.add_argument('--ckpt', help=f'checkpoint to sample or evaluate (default: --out if it exists, else {SHIPPED})')
     p.add_argument('--export', metavar='PATH', help='save the checkpoint without its optimizer state, for shipping')
     p.add_argument('--num-samples', type=int, default=1)
-    p.add_argument('--length', type=int, default=256, help='characters per sample')
+    p.add_argument('--length', type=int, help='characters per sample (default: one context); longer texts are made window by window')
+    p.add_argument('--prompt', help='text every sample starts with')
+    p.add_argument('--infill', metavar='TEMPLATE', help='text to complete: --hole characters are generated, the others kept')
+    p.add_argument('--hole', default='_', help='the character that marks a hole in --infill (default: _)')
     p.add_argument('--steps', type=int, default=128, help='denoising steps')
     p.add_argument('--eval-passes', type=int, default=20, help='with --eval: scores of each validation window')
     for k, v in defaults.items():
@@ -437,9 +492,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
         die(f'--device {args.device}: ' + ('CUDA is not available here' if args.device.startswith('cuda') else 'unknown device') + '; use --device cpu')
-    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'grad_accum', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size', 'steps', 'eval_passes'):
+    for name in ('num_samples', 'max_iters', 'batch_size', 'grad_accum', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size', 'steps', 'eval_passes'):
         if getattr(args, name) < 1:
             die(f'--{name.replace("_", "-")} must be at least 1')
+    if args.length is not None and not 1 <= args.length <= 10 ** 6:
+        die(f'--length {args.length}: give 1 to 1,000,000 characters (a sample is kept in memory until it is printed)')
     if args.n_embd % (2 * args.n_head):
         die(f'--n-embd {args.n_embd} must be a multiple of 2 x --n-head ({args.n_head}): each head rotates pairs of channels')
     if args.graph not in ('uniform', 'absorb'):
@@ -463,16 +520,14 @@ def main():
         return print(f'wrote {args.export}')
     if args.eval:
         return evaluate(model, args)
-    if args.length > model.config.block_size:
-        die(f'--length {args.length} is longer than the context of {model.config.block_size} characters')
+    length, given = conditioning(args, ckpt['vocab'], model.config.block_size)
     torch.manual_seed(args.seed)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
-    t0 = time.time()
-    x = generate(model, args.num_samples, args.length, args.steps, args.device)
+    x, passes, flops, seconds = measure(model, lambda: generate(model, args.num_samples, length, args.steps, args.device, given=given))
     for i, row in enumerate(x.tolist()):
         print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))
-    print(f'{args.num_samples} x {args.length} characters in {time.time() - t0:.2f} s '
-          f'({args.steps + 1} forward passes)', file=sys.stderr)
+    print(f'{args.num_samples} x {length} characters in {seconds:.2f} s, {passes} forward passes, about {flops / 1e9:.3g} GFLOPs',
+          file=sys.stderr)
 
 if __name__ == '__main__':
     main()

@@ -5,7 +5,8 @@ A character-level GPT: the autoregressive baseline that diffusion.py is compared
     python gpt.py             sample from out/gpt.pt, or the shipped weights/gpt.pt
     python gpt.py --eval      validation loss in bits per character
 
-`diff gpt.py diffusion.py` shows everything that turns this model into a diffusion model.
+`diff gpt.py diffusion.py` shows everything that turns this model into a diffusion model, and the key/value
+cache that only the GPT has (marked `GPT only`).
 """
 import argparse
 import json
@@ -74,11 +75,11 @@ class Config:
 
 CAUSAL = True  # each position attends only to itself and the positions before it
 
-def rotary(q, k):
-    # rotary position embeddings: rotate pairs of channels by an angle proportional to the position
+def rotary(q, k, start=0):
+    # rotary position embeddings: rotate pairs of channels by an angle proportional to the position (start, start + 1, ...)
     T, hs = q.shape[-2], q.shape[-1]
     freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
-    angles = torch.arange(T, device=q.device, dtype=torch.float32)[:, None] * freqs
+    angles = torch.arange(start, start + T, device=q.device, dtype=torch.float32)[:, None] * freqs
     cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
     def rotate(x):
         x1, x2 = x.chunk(2, dim=-1)
@@ -93,11 +94,17 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.c_attn(x).split(C, dim=2))
-        q, k = rotary(q, k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=CAUSAL)  # no attention dropout: it halves CPU speed
+        start = cache[0].shape[2] if cache else 0  # GPT only: the number of positions before x in the cache
+        q, k = rotary(q, k, start)
+        if cache is not None:  # GPT only: sampling keeps the keys and values of every character, to compute each once
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = k, v
+        # GPT only: after the cache's first call, x is the newest character alone, and it may see every key
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=CAUSAL and start == 0)  # no attention dropout: it halves CPU speed
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 class MLP(nn.Module):
@@ -118,8 +125,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):  # GPT only: cache
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 class Transformer(nn.Module):
@@ -137,11 +144,11 @@ class Transformer(nn.Module):
             elif p.dim() == 2:
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith('c_proj.weight') else 0.02)
 
-    def forward(self, idx):
-        """Logits of the next character at every position: (B, T, V)."""
+    def forward(self, idx, cache=None):
+        """Logits of the next character at every position: (B, T, V). cache: see generate."""
         x = self.drop(self.wte(idx))
-        for block in self.blocks:
-            x = block(x)
+        for block, block_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
+            x = block(x, block_cache)
         return self.head(self.ln_f(x)).float()
 
 def loss_fn(model, batch):
@@ -316,19 +323,61 @@ def evaluate(model, args):
 # sampling
 
 @torch.no_grad()
-def generate(model, num_samples, length, temperature=1.0, device='cpu', callback=None):
-    """Sample left to right, one character per forward pass. callback(step, x) sees every step."""
-    x = torch.zeros(num_samples, 1, dtype=torch.long, device=device)  # index 0 ('\n' for Shakespeare) starts every sample
-    for step in range(length):
-        with autocast(device):
-            logits = model(x[:, -model.config.block_size:])[:, -1]
-        x = torch.cat([x, torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)], dim=1)
-        if callback:
-            callback(step, x[:, 1:])
+def generate(model, num_samples, length, temperature=1.0, device='cpu', callback=None, prompt=()):
+    """Continue the prompt (token ids) left to right up to `length` characters, one per forward pass.
+    callback(step, x) sees every step. A key/value cache keeps what attention computed for the characters
+    before, so each pass feeds only the newest one. When the context is full, a new one starts on the last
+    half of the text (the same windows as diffusion.py), with an empty cache."""
+    block = model.config.block_size
+    x = torch.zeros(num_samples, 1 + length, dtype=torch.long, device=device)  # index 0 ('\n' for Shakespeare) starts every sample
+    x[:, 1:1 + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    start = fed = 0  # the context is x[:, start:i]; the cache holds the keys and values of x[:, start:fed]
+    with autocast(device):  # entered once, so that it casts the weights to bfloat16 once, not at every character
+        for step, i in enumerate(range(1 + len(prompt), 1 + length)):  # i: the position to sample
+            if i - start > block:  # the context is full: a new one on the last half of the text
+                start = fed = i - block // 2
+            if fed == start:
+                cache = [[] for _ in model.blocks]  # one per block, where its attention keeps [keys, values]
+            logits = model(x[:, fed:i], cache)[:, -1]
+            fed = i
+            x[:, i] = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]
+            if callback:
+                callback(step, x[:, 1:i + 1])
     return x[:, 1:]
+
+def measure(model, sample):
+    """Run sample() and return (its samples, forward passes, FLOPs, seconds). FLOPs are approximate: 2 x parameters
+    x characters fed, a multiply and an add per weight per character (attention's own work is left out)."""
+    fed = []
+    hook = model.register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].numel()))
+    t0 = time.perf_counter()
+    try:
+        x = sample()
+        if x.is_cuda:
+            torch.cuda.synchronize()  # the GPU runs ahead of Python: wait for it before reading the clock
+    finally:
+        hook.remove()
+    return x, len(fed), 2 * sum(p.numel() for p in model.parameters()) * sum(fed), time.perf_counter() - t0
 
 # -----------------------------------------------------------------------------
 # command line
+
+def encode(text, vocab, flag):
+    """The token ids of the text given with flag; one error line listing any characters the model does not know."""
+    ids = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted(set(text) - set(ids))
+    if unknown:
+        die(f'{flag} has characters the model does not know: {" ".join(map(repr, unknown))}; use only characters of its training text')
+    return [ids[c] for c in text]
+
+def conditioning(args, vocab, block_size):
+    """The length of the samples and the token ids of the prompt they start with."""
+    prompt, length = encode(args.prompt or '', vocab, '--prompt'), args.length or block_size  # by default, one context
+    if len(prompt) > block_size:
+        die(f'--prompt has {len(prompt)} characters, more than the context of {block_size}; give a shorter one')
+    if len(prompt) > length:
+        die(f'--prompt has {len(prompt)} characters, more than --length {length}; ask for a longer text')
+    return length, prompt
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,16 +387,19 @@ def parse_args(argv=None):
     p.add_argument('--ckpt', help=f'checkpoint to sample or evaluate (default: --out if it exists, else {SHIPPED})')
     p.add_argument('--export', metavar='PATH', help='save the checkpoint without its optimizer state, for shipping')
     p.add_argument('--num-samples', type=int, default=1)
-    p.add_argument('--length', type=int, default=256, help='characters per sample')
+    p.add_argument('--length', type=int, help='characters per sample (default: one context); longer texts are made window by window')
+    p.add_argument('--prompt', help='text every sample starts with')
     p.add_argument('--temperature', type=float, default=1.0)
     for k, v in defaults.items():
         p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
     args = p.parse_args(argv)
     if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
         die(f'--device {args.device}: ' + ('CUDA is not available here' if args.device.startswith('cuda') else 'unknown device') + '; use --device cpu')
-    for name in ('num_samples', 'length', 'max_iters', 'batch_size', 'grad_accum', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size'):
+    for name in ('num_samples', 'max_iters', 'batch_size', 'grad_accum', 'eval_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'block_size'):
         if getattr(args, name) < 1:
             die(f'--{name.replace("_", "-")} must be at least 1')
+    if args.length is not None and not 1 <= args.length <= 10 ** 6:
+        die(f'--length {args.length}: give 1 to 1,000,000 characters (a sample is kept in memory until it is printed)')
     if args.n_embd % (2 * args.n_head):
         die(f'--n-embd {args.n_embd} must be a multiple of 2 x --n-head ({args.n_head}): each head rotates pairs of channels')
     if args.temperature <= 0:
@@ -371,16 +423,14 @@ def main():
         return print(f'wrote {args.export}')
     if args.eval:
         return evaluate(model, args)
-    if args.length > model.config.block_size:
-        die(f'--length {args.length} is longer than the context of {model.config.block_size} characters')
+    length, prompt = conditioning(args, ckpt['vocab'], model.config.block_size)
     torch.manual_seed(args.seed)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
-    t0 = time.time()
-    x = generate(model, args.num_samples, args.length, args.temperature, args.device)
+    x, passes, flops, seconds = measure(model, lambda: generate(model, args.num_samples, length, args.temperature, args.device, prompt=prompt))
     for i, row in enumerate(x.tolist()):
         print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))
-    print(f'{args.num_samples} x {args.length} characters in {time.time() - t0:.2f} s '
-          f'({args.length} forward passes)', file=sys.stderr)
+    print(f'{args.num_samples} x {length} characters in {seconds:.2f} s, {passes} forward passes, about {flops / 1e9:.3g} GFLOPs',
+          file=sys.stderr)
 
 if __name__ == '__main__':
     main()

@@ -6,6 +6,7 @@ temporary folder, offline, in a few minutes at most.
     python -m pytest -q test_smoke.py
 """
 import ast
+import contextlib
 import math
 import os
 import random
@@ -347,6 +348,62 @@ def test_tweedie_step_is_bayes_rule(graph):
     assert worst_bad > 0.05  # the comparison does see a missing factor
 
 
+class JointOracle(nn.Module):
+    """The exact log concrete score of any distribution p over texts of L characters (a tensor (N,) * L) under the
+    absorbing process: at a mask, s_y = p(x_0 = y there | the characters not masked) / (e^sigma_bar - 1)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self.config = p.flatten(), diffusion.Config(vocab_size=p.shape[0], graph='absorb')
+        self.texts = torch.cartesian_prod(*[torch.arange(p.shape[0])] * p.dim())  # every text, in the order of p.flatten()
+        self.one_hot = F.one_hot(self.texts, p.shape[0]).double()
+
+    def forward(self, x, sigma_bar):
+        N = self.config.vocab_size
+        fits = ((x[:, None] == self.texts) | (x[:, None] == N)).all(-1)  # (B, N^L): the texts that x masks
+        weight = self.p * fits
+        conditional = torch.einsum('bs,sly->bly', weight, self.one_hot) / weight.sum(-1)[:, None, None]
+        return (conditional.log() - torch.log(torch.expm1(sigma_bar.double()))[:, None, None]).float()
+
+
+def test_given_characters_give_the_exact_conditional():
+    """Absorb, with the exact score of a joint distribution of 3 characters (N = 3) and the middle one given: generate
+    draws the outer two from p(x_0, x_2 | x_1), Bayes' rule over all 27 texts. Infilling, exactly, not just kept characters."""
+    N, n, middle = 3, 10_000, 1
+    p = torch.softmax(2 * torch.randn(N ** 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 0).view(N, N, N)
+    torch.manual_seed(0)
+    x = diffusion.generate(JointOracle(p), n, 3, steps=128, given=torch.tensor([N, middle, N]))
+    assert (x[:, 1] == middle).all() and x.max() < N
+    empirical = torch.zeros(N, N, dtype=torch.float64).index_put_((x[:, 0], x[:, 2]), torch.ones(n, dtype=torch.float64), accumulate=True) / n
+    exact = p[:, middle] / p[:, middle].sum()
+    assert 0.5 * (empirical - exact).abs().sum() < TV_BOUND  # measured: 0.005
+    assert 0.5 * (p.sum(1) - exact).abs().sum() > 0.5  # a sampler that ignored the given character would be this far off
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_long_text_is_made_window_by_window(graph):
+    """Beyond the context (16), generate makes windows 8 characters apart. Every frame of each window holds the last half
+    of the window before as it finished; the text is the windows put together; the given characters are kept."""
+    torch.manual_seed(0)
+    model = diffusion.Transformer(tiny_config(diffusion, graph=graph)).eval()
+    N, length, steps = 11, 45, 3
+    given = torch.full((length,), N)
+    given[:5] = torch.tensor([1, 2, 3, 4, 5])
+    windows = []
+
+    def callback(step, x):
+        if step == 0:
+            windows.append([])
+        windows[-1].append(x.clone())
+    x = diffusion.generate(model, 2, length, steps, callback=callback, given=given)
+    assert x.shape == (2, length) and x.max() < N and (x[:, :5] == given[:5]).all()
+    assert [len(frames) for frames in windows] == [steps + 1] * 5  # windows at 0, 8, 16, 24, 32: the last one reaches 45
+    for k, frames in enumerate(windows):
+        assert torch.equal(frames[-1], x[:, 8 * k:8 * k + 16])
+        for frame in frames[1:] if k else []:
+            assert torch.equal(frame[:, :8], windows[k - 1][-1][:, 8:])
+
+
 # -----------------------------------------------------------------------------
 # 4. structure of the two networks
 
@@ -402,6 +459,50 @@ def test_diffusion_output_is_a_concrete_score():
         out = model(idx, sigma_bar)
     assert out.shape == (3, 16, 11)
     assert torch.allclose(out.logsumexp(-1), -torch.log(torch.expm1(sigma_bar))[:, None].expand(3, 16), atol=1e-5)
+
+
+def test_gpt_key_value_cache_changes_no_token(monkeypatch):
+    """gpt.generate with its cache draws the same tokens for the same seed as feeding the whole context at every step,
+    through a prompt and restarted contexts (40 characters, context 16). Without its position offset, it does not."""
+    monkeypatch.setattr(gpt, 'autocast', lambda device: contextlib.nullcontext())  # float32: bfloat16 rounds the two differently
+    torch.manual_seed(0)
+    model = gpt.Transformer(tiny_config(gpt)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompt, block = [3, 4, 5], model.config.block_size
+
+    @torch.no_grad()
+    def whole_context(n, length):
+        x, start = torch.tensor([[0, *prompt]] * n), 0
+        for _ in range(length - len(prompt)):
+            if x.shape[1] - start > block:
+                start = x.shape[1] - block // 2  # a full context: a new one on the last half of the text
+            logits = model(x[:, start:])[:, -1]
+            x = torch.cat([x, torch.multinomial(F.softmax(logits, -1), 1)], 1)
+        return x[:, 1:]
+    torch.manual_seed(1)
+    cached = gpt.generate(model, 4, 40, prompt=prompt)
+    torch.manual_seed(1)
+    reference = whole_context(4, 40)
+    assert cached.shape == (4, 40) and torch.equal(cached, reference)
+    assert len(set(cached.flatten().tolist())) > 5  # real samples, not one token repeated
+    rotary = gpt.rotary
+    monkeypatch.setattr(gpt, 'rotary', lambda q, k, start=0: rotary(q, k))
+    torch.manual_seed(1)
+    assert not torch.equal(gpt.generate(model, 4, 40, prompt=prompt), reference)
+
+
+def test_measure_counts_passes_and_flops():
+    """measure: the GPT feeds its prompt once, then one character per pass; diffusion feeds each window at every step;
+    FLOPs = 2 x parameters x characters fed."""
+    torch.manual_seed(0)
+    for module, sample, passes, fed in ((gpt, lambda m: gpt.generate(m, 3, 12, prompt=[1, 2]), 10, 3 + 9),
+                                        (diffusion, lambda m: diffusion.generate(m, 3, 24, steps=4), 2 * 5, 2 * 5 * 16)):
+        model = module.Transformer(tiny_config(module)).eval()
+        x, counted, flops, seconds = module.measure(model, lambda: sample(model))
+        assert x.shape[0] == 3 and counted == passes and seconds > 0
+        assert flops == 2 * sum(p.numel() for p in model.parameters()) * 3 * fed
 
 
 def test_get_batch_and_val_windows():
@@ -530,6 +631,52 @@ def test_cli_train_and_sample(script, trained):
     assert again.stdout == res.stdout  # --seed makes sampling reproducible
 
 
+@pytest.mark.parametrize('module,passes', [(gpt, 70 - 7), (diffusion, 4 * 5)])
+def test_prompt_starts_every_sample(module, passes, trained, monkeypatch, capsys):
+    """--prompt: every sample starts with it verbatim. --length 70, beyond the context of 32, gives 70 characters of the
+    vocabulary (diffusion: 4 windows of 5 passes). The report on stderr counts the forward passes."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    extra = ['--steps', 4] if module is diffusion else []
+    code, out, err = call_main(module, ['--prompt', 'the cat', '--length', 70, '--num-samples', 3, '--device', 'cpu', *extra], monkeypatch, capsys)
+    assert code == 0, err
+    vocab = set((workdir / 'corpus.txt').read_text())
+    for text in samples_of(out, 3):
+        assert len(text) == 70 and text.startswith('the cat') and set(text) <= vocab, repr(text)
+    assert re.search(rf'^3 x 70 characters in [\d.]+ s, {passes} forward passes, about [\d.e+-]+ GFLOPs$', err, re.M), err
+
+
+@pytest.mark.parametrize('hole', ['_', '#'])
+def test_infill_keeps_the_template(hole, trained, monkeypatch, capsys):
+    """--infill: every character of the template but the holes is kept, and every hole gets a character of the vocabulary."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    template = 'the ___ sat on a ___.\n____ ran'.replace('_', hole)
+    code, out, err = call_main(diffusion, ['--infill', template, '--hole', hole, '--num-samples', 4, '--steps', 8, '--device', 'cpu'],
+                               monkeypatch, capsys)
+    assert code == 0, err
+    vocab = set((workdir / 'corpus.txt').read_text())
+    for text in samples_of(out, 4):
+        assert len(text) == len(template) and set(text) <= vocab, repr(text)
+        assert all(c == t for c, t in zip(text, template) if t != hole), repr(text)
+
+
+def test_visualize_prompt_and_infill(trained, monkeypatch, capsys):
+    """visualize.py, piped: with --compare --prompt both texts start with the prompt; with --infill the text keeps the template."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    code, out, err = call_main(visualize, ['--compare', '--prompt', 'the dog', '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
+    summary = r'\(\d+ forward passes, about [\d.e+-]+ GFLOPs, [\d.]+ s\)'
+    m = re.fullmatch(rf'=== GPT {summary} ===\n(.*)\n\n=== diffusion {summary} ===\n(.*)\n', out, re.S)
+    assert code == 0 and m, (out, err)
+    assert all(len(text) == 32 and text.startswith('the dog') for text in m.groups()), m.groups()
+    template = 'the cat ___ on a mat.'
+    code, out, err = call_main(visualize, ['--infill', template, '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
+    text = out.split('===\n', 1)[1][:-1]
+    assert code == 0 and len(text) == len(template), (out, err)
+    assert text[:8] == template[:8] and text[11:] == template[11:] and '_' not in text
+
+
 @pytest.mark.parametrize('script', ['gpt.py', 'diffusion.py'])
 def test_cli_eval_reproduces_the_stored_figure(script, trained):
     """--eval prints a finite loss equal to the one train() stored with the model at the end."""
@@ -619,13 +766,16 @@ EXPECTED_DIFFERENCES = {
     'EXTRA': 'a GPT window holds one more character, the target of the last position',
     'Config': 'diffusion adds graph',
     'CAUSAL': 'the GPT masks the future, the denoiser sees the whole sequence',
-    'Transformer': 'diffusion: mask token, noise-level input, concrete-score output',
+    'SelfAttention': 'the GPT keeps a key/value cache while sampling; the denoiser sees a new sequence at every step',
+    'Block': "passes the GPT's cache on to attention",
+    'Transformer': "diffusion: mask token, noise-level input, concrete-score output; the GPT passes its cache on",
     'loss_fn': 'cross-entropy vs diffusion-weighted score entropy',
     'train': 'diffusion passes graph into Config',
     'evaluate': 'diffusion: repeated passes and a standard error, prints the GPT figure',
-    'generate': 'left to right with temperature vs Tweedie denoising steps',
-    'parse_args': '--temperature vs --steps and --eval-passes, --graph check',
-    'main': 'generate is called with temperature vs steps',
+    'generate': 'left to right with temperature and a key/value cache vs Tweedie denoising steps with given characters',
+    'conditioning': 'a prompt vs a prompt or an --infill template',
+    'parse_args': '--temperature vs --steps, --eval-passes, --infill and --hole, --graph check',
+    'main': 'generate is called with temperature and a prompt vs steps and given characters',
 }
 DIFFUSION_ONLY = {'SIGMA_MIN', 'SIGMA_MAX', 'T_EPS', 'noise', 'noise_features', 'perturb', 'score_entropy', 'tweedie_probs'}
 
@@ -732,9 +882,9 @@ def test_prepare_rejects_bad_input(case, tmp_path, monkeypatch, capsys):
 
 
 BAD_ARGS = {
-    gpt: [['--num-samples', '0'], ['--length', '0'], ['--temperature', '0'], ['--temperature', '-1'], ['--device', 'tpu'],
+    gpt: [['--num-samples', '0'], ['--length', '0'], ['--length', '1000001'], ['--temperature', '0'], ['--temperature', '-1'], ['--device', 'tpu'],
           ['--device', 'cuda'], ['--max-iters', '0'], ['--batch-size', '0'], ['--grad-accum', '0']],
-    diffusion: [['--num-samples', '0'], ['--length', '0'], ['--steps', '0'], ['--eval-passes', '0'], ['--device', 'tpu'],
+    diffusion: [['--num-samples', '0'], ['--length', '0'], ['--length', '1000001'], ['--steps', '0'], ['--eval-passes', '0'], ['--device', 'tpu'],
                 ['--device', 'cuda'], ['--graph', 'foo'], ['--max-iters', '0']],
 }
 
@@ -750,11 +900,44 @@ def test_bad_arguments_give_one_line(module, argv, capsys):
     assert_one_error_line(e.value.code, capsys.readouterr().err, argv[0])
 
 
-def test_too_long_sample_is_refused(trained):
-    """--length beyond the model's context is refused with one line (a real process, so a traceback would show)."""
+@pytest.mark.parametrize('script,argv', [('gpt.py', ['--prompt', 'the Zoo\tcafé']), ('diffusion.py', ['--infill', 'the Z__\tcafé'])],
+                         ids=['gpt', 'diffusion'])
+def test_unknown_characters_are_listed(script, argv, trained):
+    """A prompt or template with characters the model does not know: one line listing each of them, once (a real
+    process, so a traceback would show)."""
     workdir, _ = trained
-    res = run('diffusion.py', '--length', 33, '--device', 'cpu', cwd=workdir)
-    assert_one_error_line(res.returncode, res.stderr, '--length')
+    res = run(script, *argv, '--device', 'cpu', cwd=workdir)
+    line = assert_one_error_line(res.returncode, res.stderr, argv[0], "'\\t' 'Z' 'f' 'é'")
+    assert line.count("'Z'") == 1 and res.stdout == ''
+
+
+BAD_CONDITIONING = [  # the tiny models know 'the cat sat on a mat...' and have a context of 32
+    pytest.param(gpt, ['--prompt', 'a' * 33], ['--prompt has 33 characters', 'context of 32'], id='gpt-prompt-beyond-context'),
+    pytest.param(diffusion, ['--prompt', 'a' * 33], ['--prompt has 33 characters', 'context of 32'], id='diffusion-prompt-beyond-context'),
+    pytest.param(gpt, ['--prompt', 'the cat', '--length', 5], ['--prompt has 7 characters', '--length 5'], id='gpt-prompt-beyond-length'),
+    pytest.param(diffusion, ['--prompt', 'the cat', '--length', 5], ['--prompt has 7 characters', '--length 5'], id='diffusion-prompt-beyond-length'),
+    pytest.param(diffusion, ['--infill', 'the ' + '_' * 29], ['--infill has 33 characters', 'context of 32'], id='infill-beyond-context'),
+    pytest.param(diffusion, ['--infill', 'the cat'], ['--infill has no', '--hole'], id='infill-without-hole'),
+    pytest.param(diffusion, ['--infill', 'the c t', '--hole', ' '], ["--hole ' '", 'does not know'], id='hole-in-vocabulary'),
+    pytest.param(diffusion, ['--infill', 'the c##', '--hole', '##'], ["--hole '##'", 'single character'], id='hole-of-two-characters'),
+    pytest.param(diffusion, ['--infill', 'the c__', '--prompt', 'the'], ['--infill', '--prompt'], id='infill-with-prompt'),
+    pytest.param(diffusion, ['--infill', 'the c__', '--length', 7], ['--infill', '--length'], id='infill-with-length'),
+    pytest.param(visualize, ['--infill', 'the c__', '--compare'], ['--infill', '--compare'], id='visualize-infill-with-compare'),
+    pytest.param(visualize, ['--infill', 'the c__', '--benchmark'], ['--infill', '--benchmark'], id='visualize-infill-with-benchmark'),
+    pytest.param(visualize, ['--prompt', 'the', '--benchmark'], ['--prompt', '--benchmark'], id='visualize-prompt-with-benchmark'),
+    pytest.param(visualize, ['--prompt', 'the Zoo', '--compare'], ["'Z'"], id='visualize-unknown-characters'),
+    pytest.param(visualize, ['--infill', 'the c__', '--hole', 'a'], ["--hole 'a'"], id='visualize-hole-in-vocabulary'),
+]
+
+
+@pytest.mark.parametrize('module,argv,needles', BAD_CONDITIONING)
+def test_bad_prompts_and_templates_give_one_line(module, argv, needles, trained, monkeypatch, capsys):
+    """Each prompt, template or hole that cannot work is refused with one line naming it, and no sample is printed."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    code, out, err = call_main(module, [*argv, '--steps' if module is not gpt else '--seed', 2, '--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, *needles)
+    assert out == ''
 
 
 @pytest.mark.parametrize('module', [gpt, diffusion])
@@ -912,7 +1095,7 @@ def wait_for_cpu(proc, seconds, timeout=300):
         time.sleep(0.02)
 
 
-SAMPLE_LONG = {'gpt.py': ['--num-samples', 10000, '--length', 32],  # 32 forward passes of 10,000 samples, about 7 s of CPU
+SAMPLE_LONG = {'gpt.py': ['--length', 10 ** 6],  # a million forward passes
                'diffusion.py': ['--steps', 100000, '--length', 32]}  # 100,001 forward passes
 
 
@@ -999,16 +1182,15 @@ def test_training_leaves_shipped_weights_alone(module, trained, tmp_path, monkey
     assert f'saved out/{module.KIND}.pt at step 2' in out
 
 
-def test_too_long_sample_is_refused_by_gpt_and_visualize(trained, monkeypatch, capsys):
-    """--length beyond the context (32) is refused with one line by gpt.py and visualize.py; exactly the context is fine."""
+def test_too_long_sample_is_refused_by_visualize(trained, monkeypatch, capsys):
+    """visualize.py draws one context: --length beyond it (32) is refused with one line; exactly the context is fine."""
     workdir, _ = trained
     monkeypatch.chdir(workdir)
-    assert_one_error_line(*call_main(gpt, ['--length', 33, '--device', 'cpu'], monkeypatch, capsys)[::2], '--length 33', '32')
     for argv in (['--length', 33], ['--compare', '--length', 33], ['--benchmark', '--length', 33]):
         code, _, err = call_main(visualize, [*argv, '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
         assert_one_error_line(code, err, '--length 33', '.pt (32 characters)')
-    code, out, err = call_main(gpt, ['--length', 32, '--device', 'cpu'], monkeypatch, capsys)
-    assert code == 0 and len(out) == 33, err  # 32 characters and print's newline
+    code, out, err = call_main(visualize, ['--length', 32, '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0 and len(out.split('===\n', 1)[1]) == 33, err  # 32 characters and print's newline
 
 
 @pytest.mark.parametrize('argv', [['--steps', '0'], ['--length', '0'], ['--device', 'tpu'], ['--device', 'cuda']], ids=' '.join)

@@ -1,9 +1,11 @@
 """
 Watch the models write, in the terminal.
 
-    python visualize.py              the diffusion model turning blanks into text, one frame per step
-    python visualize.py --compare    the GPT (left to right) beside the diffusion model (everywhere at once)
-    python visualize.py --benchmark  quality against speed: diffusion at 16 to 256 steps, and the GPT
+    python visualize.py                    the diffusion model turning blanks into text, one frame per step
+    python visualize.py --compare          the GPT (left to right) beside the diffusion model (everywhere at once)
+    python visualize.py --prompt TEXT      either view, continuing a text
+    python visualize.py --infill TEMPLATE  the diffusion model filling in the holes (_) of a template
+    python visualize.py --benchmark        quality against speed: diffusion at 16 to 256 steps, and the GPT
 
 Each sampler runs once while every step it takes is recorded with the real time it took; the
 recording is then played back at that speed, plus --delay per frame so that fast machines can be
@@ -23,7 +25,7 @@ import torch
 
 import diffusion
 import gpt
-from diffusion import die
+from diffusion import die, measure
 
 BLANK = '_'  # the mask token of the absorbing diffusion: a position not yet decided
 SEPARATOR = ' │ '
@@ -36,15 +38,18 @@ class Recording:
     vocab: str
     frames: list  # the token ids of the sample after each forward pass
     stamps: list  # seconds of sampling up to each frame
+    sample: list  # the token ids of the finished sample
+    passes: int  # forward passes of the model
+    flops: float  # about 2 x parameters x characters fed to it (see measure)
     seconds: float  # wall time of the whole sampling run
 
     def text(self):
-        return ''.join(self.vocab[t] for t in self.frames[-1])
+        return ''.join(self.vocab[t] for t in self.sample)
 
     def summary(self):
-        return f'{self.name} ({len(self.frames)} forward passes, {self.seconds:.2f} s)'
+        return f'{self.name} ({self.passes} forward passes, about {self.flops / 1e9:.3g} GFLOPs, {self.seconds:.2f} s)'
 
-def record(name, vocab, sample, seed):
+def record(name, vocab, model, sample, seed):
     """Run sample(callback) once, keeping every frame it reports and when it reported it."""
     frames, stamps = [], []
 
@@ -53,12 +58,14 @@ def record(name, vocab, sample, seed):
         stamps.append(time.perf_counter() - t0)
     torch.manual_seed(seed)  # the same sample as `python diffusion.py --seed` (or gpt.py) with the same flags
     t0 = time.perf_counter()
-    sample(callback)
-    return Recording(name, vocab, frames, stamps, time.perf_counter() - t0)
+    x, passes, flops, seconds = measure(model, lambda: sample(callback))
+    if not frames:  # a prompt as long as the text leaves the GPT nothing to do: show it as one frame
+        frames, stamps = [x[0].tolist()], [seconds]
+    return Recording(name, vocab, frames, stamps, x[0].tolist(), passes, flops, seconds)
 
 def load(module, path, args):
     model, ckpt = module.load_checkpoint(path)
-    if args.length > model.config.block_size:
+    if args.length and args.length > model.config.block_size:
         die(f'--length {args.length} is longer than the context of {path} ({model.config.block_size} characters)')
     model = model.to(args.device).eval()
     # the first forward passes on a device pay one-off set-up costs; keep them out of the timings
@@ -90,8 +97,9 @@ def render(rec, k, width, length, color):
     rows = [cells[i:i + width] for i in range(0, length, width)]
     return [BOLD + header + RESET if color else header] + [''.join(row) + ' ' * (width - len(row)) for row in rows]
 
-def play(recordings, length, delay, color):
+def play(recordings, delay, color):
     """Redraw the columns in place, each frame at the moment its sampler produced it (plus the delays)."""
+    length = max(len(rec.sample) for rec in recordings)
     columns = shutil.get_terminal_size().columns - 1  # a line that fills the last column would wrap in some terminals
     side_by_side = len(recordings) == 2 and columns >= 79
     width = (columns - len(SEPARATOR)) // 2 if side_by_side else columns
@@ -143,20 +151,19 @@ def benchmark(args, num_samples=32):
     if vocab != diffusion_vocab:
         die('the GPT and the diffusion model were trained on different vocabularies; give matching --gpt-ckpt and --diffusion-ckpt')
     known = training_words(gpt.defaults['data_dir'])
-    samplers = [('GPT, temperature 1', args.length, lambda n: gpt.generate(judge, n, args.length, device=args.device))]
-    samplers += [(f'diffusion, {steps} steps', steps + 1, lambda n, steps=steps: diffusion.generate(model, n, args.length, steps, args.device))
+    length = args.length or min(judge.config.block_size, model.config.block_size)
+    samplers = [('GPT, temperature 1, key/value cache', judge, lambda n: gpt.generate(judge, n, length, device=args.device))]
+    samplers += [(f'diffusion, {steps} steps', model, lambda n, steps=steps: diffusion.generate(model, n, length, steps, args.device))
                  for steps in (16, 32, 64, 128, 256)]
-    print(f'| sampler | forward passes | seconds for 1 x {args.length} characters | generative bits/char ({num_samples} samples) | real words |')
-    print('|---|---|---|---|---|')
-    for name, passes, sample in samplers:
+    print(f'| sampler | forward passes | GFLOPs | seconds for 1 x {length} characters | generative bits/char ({num_samples} samples) | real words |')
+    print('|---|---|---|---|---|---|')
+    for name, net, sample in samplers:
         torch.manual_seed(args.seed)
-        t0 = time.perf_counter()
-        sample(1)
-        seconds = time.perf_counter() - t0
+        _, passes, flops, seconds = measure(net, lambda: sample(1))
         x = sample(num_samples)
         bits = generative_bits(judge, x)
         words = None if known is None else real_words([''.join(vocab[t] for t in row) for row in x.tolist()], known)
-        print(f'| {name} | {passes} | {seconds:.2f} | {bits.mean():.3f} ± {bits.std() / math.sqrt(num_samples):.3f} | '
+        print(f'| {name} | {passes} | {flops / 1e9:.3g} | {seconds:.2f} | {bits.mean():.3f} ± {bits.std() / math.sqrt(num_samples):.3f} | '
               f'{"-" if words is None else f"{words:.0%}"} |', flush=True)
 
 # -----------------------------------------------------------------------------
@@ -167,7 +174,10 @@ def parse_args(argv=None):
     p.add_argument('--compare', action='store_true', help='the GPT and the diffusion model side by side')
     p.add_argument('--benchmark', action='store_true', help='print a table of sampling time and sample quality (needs both models)')
     p.add_argument('--steps', type=int, default=128, help='denoising steps of the diffusion model (default: 128)')
-    p.add_argument('--length', type=int, default=256, help='characters, at most the context of the models (default: 256)')
+    p.add_argument('--length', type=int, help='characters, at most the context of the models (default: one context)')
+    p.add_argument('--prompt', help='text both models continue')
+    p.add_argument('--infill', metavar='TEMPLATE', help='diffusion alone: text whose --hole characters it fills in')
+    p.add_argument('--hole', default='_', help='the character that marks a hole in --infill (default: _)')
     p.add_argument('--seed', type=int, default=1337, help='default: 1337; same seed and flags, same text as diffusion.py and gpt.py')
     p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
     p.add_argument('--delay', type=float, default=0.02, help='seconds added after each frame, to watch it (default: 0.02)')
@@ -181,28 +191,35 @@ def parse_args(argv=None):
         die('--device cuda was asked for but CUDA is not available here; use --device cpu')
     if args.steps < 1:
         die('--steps must be at least 1')
-    if args.length < 1:
+    if args.length is not None and args.length < 1:
         die('--length must be at least 1')
+    if args.infill is not None and (args.compare or args.benchmark):
+        die('--infill shows the diffusion model alone; leave out --compare and --benchmark')
+    if args.prompt is not None and args.benchmark:
+        die('--benchmark measures samples without a prompt; leave out --prompt')
     if not 0 <= args.delay < math.inf:
         die('--delay must be a number of seconds, 0 or more')
     return args
 
 def run(args, animate):
-    samplers = []  # (name, vocabulary, sample(callback))
+    samplers = []  # (name, vocabulary, model, sample(callback))
     if args.compare:
-        gpt_model, vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
-        samplers.append(('GPT', vocab, lambda cb: gpt.generate(gpt_model, 1, args.length, device=args.device, callback=cb)))
-    diffusion_model, vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
-    samplers.append(('diffusion', vocab, lambda cb: diffusion.generate(diffusion_model, 1, args.length, args.steps, args.device, cb)))
+        gpt_model, gpt_vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
+        gpt_length, prompt = gpt.conditioning(args, gpt_vocab, gpt_model.config.block_size)
+        samplers.append(('GPT', gpt_vocab, gpt_model,
+                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, device=args.device, callback=cb, prompt=prompt)))
+    model, vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
+    length, given = diffusion.conditioning(args, vocab, model.config.block_size)
+    samplers.append(('diffusion', vocab, model, lambda cb: diffusion.generate(model, 1, length, args.steps, args.device, cb, given)))
     recordings = []
-    for name, vocab, sample in samplers:
+    for name, *rest in samplers:
         if animate:
             print(f'sampling with the {name} model...\x1b[K', end='\r', flush=True)
-        recordings.append(record(name, vocab, sample, args.seed))
+        recordings.append(record(name, *rest, args.seed))
     if not animate:
         return print('\n\n'.join(f'=== {rec.summary()} ===\n{rec.text()}' for rec in recordings))
     sys.stdout.write(HIDE_CURSOR)
-    play(recordings, args.length, args.delay, color=not args.no_color)
+    play(recordings, args.delay, color=not args.no_color)
     print('\n'.join(rec.summary() for rec in recordings))
 
 def main():
