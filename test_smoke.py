@@ -724,33 +724,47 @@ def test_cli_visualize_compare_piped(trained):
         assert len(text) == 32 and set(text) <= vocab, repr(text)
 
 
+def run_in_terminal(argv, cwd, interrupt_at=None):
+    """Run visualize.py in a pseudo-terminal and return (all it drew, the offset where Ctrl-C was sent, the process).
+    With interrupt_at, Ctrl-C is sent once those bytes have been drawn."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / 'visualize.py'), *map(str, argv)],
+                            cwd=cwd, env=dict(ENV, COLUMNS='100', LINES='40', TERM='xterm'),
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    screen, interrupted = b'', None
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 300)
+            assert ready, 'visualize.py stalled'
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if interrupt_at and interrupted is None and interrupt_at in screen:
+                interrupted = len(screen)
+                proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return screen, interrupted, proc
+
+
 @pytest.mark.skipif(sys.platform == 'win32', reason='needs a pseudo-terminal')
 def test_cli_visualize_no_color_in_a_terminal(trained):
     """In a terminal, visualize.py animates (cursor movements); --no-color leaves out the colour codes."""
-    import pty
-    import select
     workdir, _ = trained
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(REPO / 'visualize.py'), *map(str, compare_args(workdir)), '--no-color', '--delay', '0'],
-                            cwd=workdir, env=dict(ENV, COLUMNS='100', LINES='40', TERM='xterm'),
-                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
-    os.close(slave)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([master], [], [], 300)
-        if not ready:
-            proc.kill()
-            pytest.fail('visualize.py stalled')
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    screen = b''.join(chunks).decode('utf-8', 'replace')
+    screen, _, proc = run_in_terminal([*compare_args(workdir), '--no-color', '--delay', '0'], workdir)
+    assert proc.returncode == 0, proc.stderr.read()
+    screen = screen.decode('utf-8', 'replace')
     assert '\x1b[K' in screen and 'step' in screen  # it did draw frames in place
     colours = set(re.findall(r'\x1b\[[0-9;]*m', screen))
     assert colours <= {'\x1b[0m'}, colours  # at most the final reset
@@ -1127,36 +1141,9 @@ def test_ctrl_c_while_sampling_exits_quietly(script, trained, tmp_path):
 @pytest.mark.skipif(sys.platform == 'win32', reason='needs a pseudo-terminal')
 def test_ctrl_c_in_visualize_ends_the_show(trained):
     """Ctrl-C while visualize.py samples in a terminal exits 0, with no traceback, and gives the cursor back."""
-    import pty
-    import select
     workdir, _ = trained
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(REPO / 'visualize.py'), '--diffusion-ckpt', workdir / 'out' / 'diffusion.pt',
-                             '--steps', '100000', '--length', '32', '--delay', '0', '--device', 'cpu'],
-                            cwd=workdir, env=dict(ENV, COLUMNS='100', LINES='40', TERM='xterm'),
-                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
-    os.close(slave)
-    screen, interrupted = b'', None
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 300)
-            assert ready, 'visualize.py stalled'
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            screen += chunk
-            if interrupted is None and b'sampling with the diffusion model' in screen:
-                interrupted = len(screen)
-                proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=300)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    screen, interrupted, proc = run_in_terminal(['--diffusion-ckpt', workdir / 'out' / 'diffusion.pt', '--steps', '100000', '--length', '32',
+                                                 '--delay', '0', '--device', 'cpu'], workdir, interrupt_at=b'sampling with the diffusion model')
     err = proc.stderr.read().decode()
     assert interrupted is not None and proc.returncode == 0, err
     assert 'Traceback' not in err, err
