@@ -32,7 +32,7 @@ defaults = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model; diffusion: noise is regularisation enough
     batch_size=32, max_iters=19000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation; diffusion: learns slower per step
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
-    eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping
+    eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping; diffusion: a longer run, evaluated less often
     data_dir='data', out='out/diffusion.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
 )
 SHIPPED = 'weights/diffusion.pt'
@@ -290,7 +290,7 @@ def train(args):
         die(f'--block-size {args.block_size} is longer than the validation text; use a smaller one or more text')
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    config = Config(vocab_size=len(vocab), **{k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'graph')})
+    config = Config(vocab_size=len(vocab), **{k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'graph')})  # diffusion: + graph
     model, step, summary = Transformer(config), 0, dict(tokens=0, seconds=0.0)
     if args.resume:
         model, ckpt = load_checkpoint(args.out)
@@ -483,6 +483,7 @@ def parse_args(argv=None):
     p.add_argument('--num-samples', type=int, default=1)
     p.add_argument('--length', type=int, help='characters per sample (default: one context); longer texts are made window by window')
     p.add_argument('--prompt', help='text every sample starts with')
+    # diffusion: infilling, denoising steps and repeated evaluation instead of --temperature
     p.add_argument('--infill', metavar='TEMPLATE', help='text to complete: --hole characters are generated, the others kept')
     p.add_argument('--hole', default='_', help='the character that marks a hole in --infill (default: _)')
     p.add_argument('--steps', type=int, default=128, help='denoising steps')
@@ -499,7 +500,7 @@ def parse_args(argv=None):
         die(f'--length {args.length}: give 1 to 1,000,000 characters (a sample is kept in memory until it is printed)')
     if args.n_embd % (2 * args.n_head):
         die(f'--n-embd {args.n_embd} must be a multiple of 2 x --n-head ({args.n_head}): each head rotates pairs of channels')
-    if args.graph not in ('uniform', 'absorb'):
+    if args.graph not in ('uniform', 'absorb'):  # diffusion: instead of the --temperature check
         die(f'unknown --graph {args.graph!r}; use uniform or absorb')
     return args
 
@@ -520,7 +521,7 @@ def main():
         return print(f'wrote {args.export}')
     if args.eval:
         return evaluate(model, args)
-    length, given = conditioning(args, ckpt['vocab'], model.config.block_size)
+    length, given = conditioning(args, ckpt['vocab'], model.config.block_size)  # diffusion: the characters to keep, a prompt or a template
     torch.manual_seed(args.seed)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
     x, passes, flops, seconds = measure(model, lambda: generate(model, args.num_samples, length, args.steps, args.device, given=given))
