@@ -401,7 +401,7 @@ def tweedie_probs(score, x, dsigma, graph):
     return staggered * transition
 
 @torch.no_grad()
-def generate(model, num_samples, length, steps=128, device='cpu', callback=None, given=None):
+def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu', callback=None, given=None):
     """Denoise all positions at once with the Tweedie sampler. callback(step, x) sees every step.
     given: (length,) token ids to keep, and the mask id N at the positions to generate (by default, all of them).
     A text longer than the context is made window by window; each window keeps the last half of the one before."""
@@ -417,7 +417,10 @@ def generate(model, num_samples, length, steps=128, device='cpu', callback=None,
             sigma_bar = noise(ts[step], graph)[0]
             dsigma = sigma_bar - (noise(ts[step + 1], graph)[0] if step < steps else 0)  # the last step goes to sigma_bar = 0
             with autocast(device):
-                score = model(x_t, sigma_bar.expand(num_samples)).exp()
+                log_score = model(x_t, sigma_bar.expand(num_samples)) / temperature  # 1 is the exact model; below, sharper and less varied
+            if graph == 'absorb':  # temper p(x_0 | x_t) alone, not the rate at which masks are removed
+                log_score = log_score.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))
+            score = log_score.exp()
             probs = tweedie_probs(score, x_t, dsigma, graph)
             if step == steps and graph == 'absorb':
                 probs = probs[..., :N]  # no mask survives the final step
@@ -483,7 +486,8 @@ def parse_args(argv=None):
     p.add_argument('--num-samples', type=int, default=1)
     p.add_argument('--length', type=int, help='characters per sample (default: one context); longer texts are made window by window')
     p.add_argument('--prompt', help='text every sample starts with')
-    # diffusion: infilling, denoising steps and repeated evaluation instead of --temperature
+    p.add_argument('--temperature', type=float, default=1.0)
+    # diffusion: infilling, denoising steps and repeated evaluation
     p.add_argument('--infill', metavar='TEMPLATE', help='text to complete: --hole characters are generated, the others kept')
     p.add_argument('--hole', default='_', help='the character that marks a hole in --infill (default: _)')
     p.add_argument('--steps', type=int, default=128, help='denoising steps')
@@ -500,7 +504,9 @@ def parse_args(argv=None):
         die(f'--length {args.length}: give 1 to 1,000,000 characters (a sample is kept in memory until it is printed)')
     if args.n_embd % (2 * args.n_head):
         die(f'--n-embd {args.n_embd} must be a multiple of 2 x --n-head ({args.n_head}): each head rotates pairs of channels')
-    if args.graph not in ('uniform', 'absorb'):  # diffusion: instead of the --temperature check
+    if args.temperature <= 0:
+        die('--temperature must be above 0')
+    if args.graph not in ('uniform', 'absorb'):  # diffusion: which forward process
         die(f'unknown --graph {args.graph!r}; use uniform or absorb')
     return args
 
@@ -524,7 +530,7 @@ def main():
     length, given = conditioning(args, ckpt['vocab'], model.config.block_size)  # diffusion: the characters to keep, a prompt or a template
     torch.manual_seed(args.seed)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
-    x, passes, flops, seconds = measure(model, lambda: generate(model, args.num_samples, length, args.steps, args.device, given=given))
+    x, passes, flops, seconds = measure(model, lambda: generate(model, args.num_samples, length, args.steps, args.temperature, args.device, given=given))
     for i, row in enumerate(x.tolist()):
         print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))
     print(f'{args.num_samples} x {length} characters in {seconds:.2f} s, {passes} forward passes, about {flops / 1e9:.3g} GFLOPs',

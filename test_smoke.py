@@ -280,10 +280,11 @@ def product_distribution(L=3, N=5, seed=0):
     return torch.softmax(2 * torch.randn(L, N, generator=g, dtype=torch.float64), -1)
 
 
-def marginal_tv(pi, graph, samples=20_000, steps=16, seed=0):
-    """Largest per-position total variation between diffusion.generate's samples (oracle score) and pi."""
+def marginal_tv(pi, graph, samples=20_000, steps=16, seed=0, temperature=1.0, target=None):
+    """Largest per-position total variation between diffusion.generate's samples (oracle score) and target (default: pi)."""
     torch.manual_seed(seed)
-    x = diffusion.generate(Oracle(pi, graph), samples, pi.shape[0], steps=steps)
+    x = diffusion.generate(Oracle(pi, graph), samples, pi.shape[0], steps=steps, temperature=temperature)
+    pi = pi if target is None else target
     assert x.shape == (samples, pi.shape[0]) and x.min() >= 0 and x.max() < pi.shape[1]
     empirical = F.one_hot(x, pi.shape[1]).double().mean(0)
     return 0.5 * (empirical - pi).abs().sum(-1).max().item()
@@ -296,6 +297,16 @@ TV_BOUND = 0.03  # sampling noise alone is about 0.006 for 20000 samples of N = 
 def test_sampler_with_oracle_reproduces_the_distribution(graph):
     """Fed the exact concrete score of a product distribution, the Tweedie sampler reproduces its marginals."""
     assert marginal_tv(product_distribution(), graph) < TV_BOUND
+
+
+@pytest.mark.parametrize('temperature', [0.5, 2.0])
+def test_absorb_temperature_tempers_the_denoiser(temperature):
+    """Absorbing graph: each position is revealed once, from p(x_0 | x_t) ** (1 / T), so the oracle's product
+    distribution comes out tempered, pi ** (1 / T) normalised, and plainly not pi itself."""
+    pi = product_distribution()
+    tempered = pi ** (1 / temperature) / (pi ** (1 / temperature)).sum(-1, keepdim=True)
+    assert 0.5 * (tempered - pi).abs().sum(-1).max() > 3 * TV_BOUND
+    assert marginal_tv(pi, 'absorb', temperature=temperature, target=tempered) < TV_BOUND
 
 
 @pytest.mark.parametrize('graph', ['uniform', 'absorb'])
@@ -677,6 +688,23 @@ def test_visualize_prompt_and_infill(trained, monkeypatch, capsys):
     assert text[:8] == template[:8] and text[11:] == template[11:] and '_' not in text
 
 
+def test_visualize_shows_the_scripts_own_text(trained, monkeypatch, capsys):
+    """Same seed and flags, same text: visualize.py --compare animates exactly what gpt.py and diffusion.py print,
+    at a temperature other than 1 too, and a lower temperature changes the text."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    texts = {}
+    for temperature in (1, 0.5):
+        flags = ['--seed', 7, '--temperature', temperature, '--device', 'cpu']
+        code, out, err = call_main(visualize, ['--compare', '--steps', 4, *flags], monkeypatch, capsys)
+        assert code == 0, err
+        shown = list(re.fullmatch(r'=== GPT \(.*?\) ===\n(.*)\n\n=== diffusion \(.*?\) ===\n(.*)\n', out, re.S).groups())
+        printed = [call_main(gpt, flags, monkeypatch, capsys)[1][:-1], call_main(diffusion, ['--steps', 4, *flags], monkeypatch, capsys)[1][:-1]]
+        assert shown == printed, (shown, printed)
+        texts[temperature] = printed
+    assert texts[1] != texts[0.5]
+
+
 @pytest.mark.parametrize('script', ['gpt.py', 'diffusion.py'])
 def test_cli_eval_reproduces_the_stored_figure(script, trained):
     """--eval prints a finite loss equal to the one train() stored with the model at the end."""
@@ -786,10 +814,10 @@ EXPECTED_DIFFERENCES = {
     'loss_fn': 'cross-entropy vs diffusion-weighted score entropy',
     'train': 'diffusion passes graph into Config',
     'evaluate': 'diffusion: repeated passes and a standard error, prints the GPT figure',
-    'generate': 'left to right with temperature and a key/value cache vs Tweedie denoising steps with given characters',
+    'generate': 'left to right with a key/value cache vs Tweedie denoising steps with given characters',
     'conditioning': 'a prompt vs a prompt or an --infill template',
-    'parse_args': '--temperature vs --steps, --eval-passes, --infill and --hole, --graph check',
-    'main': 'generate is called with temperature and a prompt vs steps and given characters',
+    'parse_args': 'diffusion adds --steps, --eval-passes, --infill and --hole, --graph check',
+    'main': 'generate is called with a prompt vs steps and given characters',
 }
 DIFFUSION_ONLY = {'SIGMA_MIN', 'SIGMA_MAX', 'T_EPS', 'noise', 'noise_features', 'perturb', 'score_entropy', 'tweedie_probs'}
 
@@ -898,7 +926,7 @@ def test_prepare_rejects_bad_input(case, tmp_path, monkeypatch, capsys):
 BAD_ARGS = {
     gpt: [['--num-samples', '0'], ['--length', '0'], ['--length', '1000001'], ['--temperature', '0'], ['--temperature', '-1'], ['--device', 'tpu'],
           ['--device', 'cuda'], ['--max-iters', '0'], ['--batch-size', '0'], ['--grad-accum', '0']],
-    diffusion: [['--num-samples', '0'], ['--length', '0'], ['--length', '1000001'], ['--steps', '0'], ['--eval-passes', '0'], ['--device', 'tpu'],
+    diffusion: [['--num-samples', '0'], ['--length', '0'], ['--length', '1000001'], ['--steps', '0'], ['--eval-passes', '0'], ['--temperature', '0'], ['--device', 'tpu'],
                 ['--device', 'cuda'], ['--graph', 'foo'], ['--max-iters', '0']],
 }
 
@@ -939,6 +967,7 @@ BAD_CONDITIONING = [  # the tiny models know 'the cat sat on a mat...' and have 
     pytest.param(visualize, ['--infill', 'the c__', '--compare'], ['--infill', '--compare'], id='visualize-infill-with-compare'),
     pytest.param(visualize, ['--infill', 'the c__', '--benchmark'], ['--infill', '--benchmark'], id='visualize-infill-with-benchmark'),
     pytest.param(visualize, ['--prompt', 'the', '--benchmark'], ['--prompt', '--benchmark'], id='visualize-prompt-with-benchmark'),
+    pytest.param(visualize, ['--temperature', '0.8', '--benchmark'], ['--temperature', '--benchmark'], id='visualize-temperature-with-benchmark'),
     pytest.param(visualize, ['--prompt', 'the Zoo', '--compare'], ["'Z'"], id='visualize-unknown-characters'),
     pytest.param(visualize, ['--infill', 'the c__', '--hole', 'a'], ["--hole 'a'"], id='visualize-hole-in-vocabulary'),
 ]
@@ -1180,7 +1209,7 @@ def test_too_long_sample_is_refused_by_visualize(trained, monkeypatch, capsys):
     assert code == 0 and len(out.split('===\n', 1)[1]) == 33, err  # 32 characters and print's newline
 
 
-@pytest.mark.parametrize('argv', [['--steps', '0'], ['--length', '0'], ['--device', 'tpu'], ['--device', 'cuda']], ids=' '.join)
+@pytest.mark.parametrize('argv', [['--steps', '0'], ['--temperature', '0'], ['--length', '0'], ['--device', 'tpu'], ['--device', 'cuda']], ids=' '.join)
 def test_visualize_bad_arguments_give_one_line(argv, capsys):
     """visualize.parse_args refuses each bad argument with one 'error:' line naming it."""
     if argv == ['--device', 'cuda'] and torch.cuda.is_available():

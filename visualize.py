@@ -152,9 +152,10 @@ def benchmark(args, num_samples=32):
         die('the GPT and the diffusion model were trained on different vocabularies; give matching --gpt-ckpt and --diffusion-ckpt')
     known = training_words(gpt.defaults['data_dir'])
     length = args.length or min(judge.config.block_size, model.config.block_size)
-    samplers = [('GPT, temperature 1, key/value cache', judge, lambda n: gpt.generate(judge, n, length, device=args.device))]
-    samplers += [(f'diffusion, {steps} steps', model, lambda n, steps=steps: diffusion.generate(model, n, length, steps, args.device))
-                 for steps in (16, 32, 64, 128, 256)]
+    samplers = [(f'GPT, temperature {t}, key/value cache', judge, lambda n, t=t: gpt.generate(judge, n, length, t, args.device))
+                for t in (1, 0.8)]
+    samplers += [(f'diffusion, {steps} steps, temperature {t}', model, lambda n, steps=steps, t=t: diffusion.generate(model, n, length, steps, t, args.device))
+                 for steps, t in ((16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (128, 0.8))]
     print(f'| sampler | forward passes | GFLOPs | seconds for 1 x {length} characters | generative bits/char ({num_samples} samples) | real words |')
     print('|---|---|---|---|---|---|')
     for name, net, sample in samplers:
@@ -174,6 +175,7 @@ def parse_args(argv=None):
     p.add_argument('--compare', action='store_true', help='the GPT and the diffusion model side by side')
     p.add_argument('--benchmark', action='store_true', help='print a table of sampling time and sample quality (needs both models)')
     p.add_argument('--steps', type=int, default=128, help='denoising steps of the diffusion model (default: 128)')
+    p.add_argument('--temperature', type=float, default=1.0, help='of both models; 1 (default) samples them exactly, lower is sharper and less varied')
     p.add_argument('--length', type=int, help='characters, at most the context of the models (default: one context)')
     p.add_argument('--prompt', help='text both models continue')
     p.add_argument('--infill', metavar='TEMPLATE', help='diffusion alone: text whose --hole characters it fills in')
@@ -191,12 +193,14 @@ def parse_args(argv=None):
         die('--device cuda was asked for but CUDA is not available here; use --device cpu')
     if args.steps < 1:
         die('--steps must be at least 1')
+    if args.temperature <= 0:
+        die('--temperature must be above 0')
     if args.length is not None and args.length < 1:
         die('--length must be at least 1')
     if args.infill is not None and (args.compare or args.benchmark):
         die('--infill shows the diffusion model alone; leave out --compare and --benchmark')
-    if args.prompt is not None and args.benchmark:
-        die('--benchmark measures samples without a prompt; leave out --prompt')
+    if (args.prompt is not None or args.temperature != 1) and args.benchmark:
+        die('--benchmark measures samples without a prompt, at its own temperatures; leave out --prompt and --temperature')
     if not 0 <= args.delay < math.inf:
         die('--delay must be a number of seconds, 0 or more')
     return args
@@ -207,10 +211,10 @@ def run(args, animate):
         gpt_model, gpt_vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
         gpt_length, prompt = gpt.conditioning(args, gpt_vocab, gpt_model.config.block_size)
         samplers.append(('GPT', gpt_vocab, gpt_model,
-                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, device=args.device, callback=cb, prompt=prompt)))
+                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, args.temperature, args.device, cb, prompt)))
     model, vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
     length, given = diffusion.conditioning(args, vocab, model.config.block_size)
-    samplers.append(('diffusion', vocab, model, lambda cb: diffusion.generate(model, 1, length, args.steps, args.device, cb, given)))
+    samplers.append(('diffusion', vocab, model, lambda cb: diffusion.generate(model, 1, length, args.steps, args.temperature, args.device, cb, given)))
     recordings = []
     for name, *rest in samplers:
         if animate:
