@@ -404,12 +404,12 @@ def tweedie_probs(score, x, dsigma, graph):
 def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu', callback=None, given=None):
     """Denoise all positions at once with the Tweedie sampler. callback(step, x) sees every step.
     given: (length,) token ids to keep, and the mask id N at the positions to generate (by default, all of them).
-    A text longer than the context is made window by window; each window keeps the last half of the one before."""
+    A text longer than the context is made window by window; each window keeps at least the last half of the one before."""
     N, graph, block = model.config.vocab_size, model.config.graph, model.config.block_size
     x = (torch.full((length,), N) if given is None else given).to(device).repeat(num_samples, 1)
     ts = torch.linspace(1 - T_EPS, T_EPS, steps + 1, device=device)
     new = block - block // 2  # the characters each window adds to the one before
-    for start in range(0, max(length - block, 0) + new, new):
+    for start in [*range(0, length - block, new), max(length - block, 0)]:  # the last window ends with the text, full
         kept = x[:, start:start + block].clone()
         free = kept == N
         x_t = kept if graph == 'absorb' else torch.where(free, torch.randint(N, kept.shape, device=device), kept)

@@ -327,7 +327,7 @@ def generate(model, num_samples, length, temperature=1.0, device='cpu', callback
     """Continue the prompt (token ids) left to right up to `length` characters, one per forward pass.
     callback(step, x) sees every step. A key/value cache keeps what attention computed for the characters
     before, so each pass feeds only the newest one. When the context is full, a new one starts on the last
-    half of the text (the same windows as diffusion.py), with an empty cache."""
+    half of the text, with an empty cache."""
     block = model.config.block_size
     x = torch.zeros(num_samples, 1 + length, dtype=torch.long, device=device)  # index 0 ('\n' for Shakespeare) starts every sample
     x[:, 1:1 + len(prompt)] = torch.tensor(prompt, dtype=torch.long)

@@ -392,12 +392,14 @@ def test_given_characters_give_the_exact_conditional():
 
 
 @pytest.mark.parametrize('graph', ['uniform', 'absorb'])
-def test_long_text_is_made_window_by_window(graph):
-    """Beyond the context (16), generate makes windows 8 characters apart. Every frame of each window holds the last half
-    of the window before as it finished; the text is the windows put together; the given characters are kept."""
+@pytest.mark.parametrize('length,starts', [(45, [0, 8, 16, 24, 29]), (20, [0, 4]), (16, [0]), (40, [0, 8, 16, 24])])
+def test_long_text_is_made_window_by_window(graph, length, starts):
+    """Beyond the context (16), generate makes full windows 8 characters apart, the last one ending with the text. Every
+    frame of each window holds what it shares with the window before as that one finished; the text is the windows put
+    together; the given characters are kept."""
     torch.manual_seed(0)
     model = diffusion.Transformer(tiny_config(diffusion, graph=graph)).eval()
-    N, length, steps = 11, 45, 3
+    N, steps = 11, 3
     given = torch.full((length,), N)
     given[:5] = torch.tensor([1, 2, 3, 4, 5])
     windows = []
@@ -408,11 +410,13 @@ def test_long_text_is_made_window_by_window(graph):
         windows[-1].append(x.clone())
     x = diffusion.generate(model, 2, length, steps, callback=callback, given=given)
     assert x.shape == (2, length) and x.max() < N and (x[:, :5] == given[:5]).all()
-    assert [len(frames) for frames in windows] == [steps + 1] * 5  # windows at 0, 8, 16, 24, 32: the last one reaches 45
-    for k, frames in enumerate(windows):
-        assert torch.equal(frames[-1], x[:, 8 * k:8 * k + 16])
-        for frame in frames[1:] if k else []:
-            assert torch.equal(frame[:, :8], windows[k - 1][-1][:, 8:])
+    assert [len(frames) for frames in windows] == [steps + 1] * len(starts)
+    for k, (start, frames) in enumerate(zip(starts, windows)):
+        assert torch.equal(frames[-1], x[:, start:start + 16])
+        if k:
+            shift = start - starts[k - 1]
+            for frame in frames[1:]:
+                assert torch.equal(frame[:, :16 - shift], windows[k - 1][-1][:, shift:])
 
 
 # -----------------------------------------------------------------------------
