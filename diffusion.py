@@ -11,6 +11,7 @@ s(x_t)_y = p_t(y) / p_t(x_t): how much likelier the noisy text would be with one
 `diff gpt.py diffusion.py` shows every change; the equation numbers are the README's.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -30,12 +31,13 @@ KIND = 'diffusion'
 # hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
 defaults = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model; diffusion: noise is regularisation enough
-    batch_size=32, max_iters=19000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation; diffusion: learns slower per step
+    batch_size=32, max_iters=14000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation; diffusion: learns slower per step
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
     eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping; diffusion: a longer run, evaluated less often
     data_dir='data', out='out/diffusion.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
 )
 SHIPPED = 'weights/diffusion.pt'
+EMA_DECAY = 0.999  # diffusion: sampling uses an average of the weights over about the last 1 / (1 - EMA_DECAY) steps
 
 def die(msg):
     print(f'error: {msg}', file=sys.stderr)
@@ -297,6 +299,9 @@ def train(args):
         if ckpt['vocab'] != vocab:
             die(f'{args.out} was trained on another vocabulary than {args.data_dir}/; prepare the same text or train afresh without --resume')
         config = model.config
+    ema = copy.deepcopy(model).to(args.device)  # diffusion: a running average of the weights, which samples better
+    if args.resume:  # diffusion: a checkpoint's 'model' is that average; the weights being trained are its 'raw'
+        model.load_state_dict({k: v.float() for k, v in ckpt.get('raw', ckpt['model']).items()})
     model = ddp_model = model.to(args.device)
     if ddp:  # backward() averages the gradients of all processes, so that every copy takes the same step
         ddp_model = nn.parallel.DistributedDataParallel(model)
@@ -317,7 +322,7 @@ def train(args):
     def checkpoint(val_bpc):
         device = torch.cuda.get_device_name() if 'cuda' in args.device else f'{platform.machine()} CPU, {torch.get_num_threads()} threads'
         summary.update(val_bpc=val_bpc, hardware=f'{world} x {device}' if world > 1 else device)
-        save_checkpoint(args.out, dict(kind=KIND, config=asdict(config), vocab=vocab, model=model.state_dict(),
+        save_checkpoint(args.out, dict(kind=KIND, config=asdict(config), vocab=vocab, model=ema.state_dict(), raw=model.state_dict(),  # diffusion: + raw
                                        optimizer=optimizer.state_dict(), step=step, summary=summary,
                                        rng=dict(batches=generator.get_state(), torch=torch.get_rng_state())))
 
@@ -345,6 +350,10 @@ def train(args):
             die(f'loss became {loss} at step {step}; the last checkpoint saved is kept; try a lower --lr')
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        with torch.no_grad():  # diffusion: move the average towards the new weights; early on, and in short runs, faster
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            for average, p in zip(ema.parameters(), model.parameters()):
+                average.lerp_(p, 1 - decay)
         step += 1
         summary['tokens'] += tokens_per_step
         summary['seconds'] += time.time() - t0
@@ -355,12 +364,12 @@ def train(args):
             print(f'step {step}/{args.max_iters} | loss {loss / math.log(2):.3f} bits/char | '
                   f'lr {get_lr(step - 1, args):.1e} | {rate / 1e3:.1f}k tok/s | ETA {eta / 60:.1f} min', flush=True)
         if rank == 0 and (step % args.eval_interval == 0 or step == args.max_iters or stopping):
-            losses = estimate_loss(model, split, args)
+            losses = estimate_loss(ema, split, args)  # diffusion: of the average, the weights that are saved
             print(f'step {step}: train {losses["train"]:.3f}, val {losses["val"]:.3f} bits/char', flush=True)
             checkpoint(losses['val'])
             t0 = time.time()
     if rank == 0 and step == args.max_iters:  # the figure stored with the model: the whole validation set
-        checkpoint(evaluate(model, args))
+        checkpoint(evaluate(ema, args))  # diffusion: of the average
     print(f'{"interrupted; " if stopping else ""}saved {args.out} at step {step}' + (f'; continue with: python {" ".join(a for a in sys.argv if a != "--resume")} --resume' if stopping else ''))
     if ddp:
         dist.destroy_process_group()
@@ -523,7 +532,7 @@ def main():
     if args.export:
         if os.path.isdir(args.export):
             die(f'--export {args.export} is a folder; give a file name, e.g. {args.export}/{KIND}.pt')
-        save_checkpoint(args.export, {k: v for k, v in ckpt.items() if k not in ('optimizer', 'rng')})
+        save_checkpoint(args.export, {k: v for k, v in ckpt.items() if k not in ('optimizer', 'rng', 'raw')})  # diffusion: + raw
         return print(f'wrote {args.export}')
     if args.eval:
         return evaluate(model, args)

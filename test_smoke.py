@@ -730,12 +730,25 @@ def test_cli_export(module, trained, tmp_path):
     res = run(f'{kind}.py', '--export', tmp_path / 'shipped.pt', '--device', 'cpu', cwd=workdir)
     assert res.returncode == 0, res.stderr
     exported = torch.load(tmp_path / 'shipped.pt', weights_only=True)
-    assert 'optimizer' not in exported and exported['kind'] == kind
+    assert 'optimizer' not in exported and 'raw' not in exported and exported['kind'] == kind
     original = torch.load(workdir / 'out' / f'{kind}.pt', weights_only=True)
     assert exported['model'].keys() == original['model'].keys()
     assert all(torch.equal(exported['model'][k], original['model'][k]) for k in original['model'])
     model, _ = module.load_checkpoint(str(tmp_path / 'shipped.pt'))
     assert model.config == module.Config(**original['config'])
+
+
+def test_diffusion_saves_the_running_average_of_its_weights(workdir, tmp_path):
+    """The diffusion checkpoint's model is the running average of the trained weights (its 'raw'): after one step from
+    the initial weights w0 to w1 it is 0.1 w0 + 0.9 w1 (the decay starts at 1/10)."""
+    args = make_args(diffusion, workdir / 'data', tmp_path / 'm.pt', '--max-iters', 1, '--eval-interval', 1000)
+    diffusion.train(args)
+    ckpt = torch.load(tmp_path / 'm.pt', weights_only=True)
+    torch.manual_seed(args.seed)  # train() starts from these weights
+    initial = diffusion.Transformer(diffusion.Config(**ckpt['config'])).state_dict()
+    for name, w1 in ckpt['raw'].items():
+        assert not torch.equal(w1, initial[name]), name
+        torch.testing.assert_close(ckpt['model'][name], 0.1 * initial[name] + 0.9 * w1)
 
 
 def compare_args(workdir):
@@ -816,14 +829,14 @@ EXPECTED_DIFFERENCES = {
     'Block': "passes the GPT's cache on to attention",
     'Transformer': "diffusion: mask token, noise-level input, concrete-score output; the GPT passes its cache on",
     'loss_fn': 'cross-entropy vs diffusion-weighted score entropy',
-    'train': 'diffusion passes graph into Config',
+    'train': 'diffusion passes graph into Config and keeps a running average of the weights',
     'evaluate': 'diffusion: repeated passes and a standard error, prints the GPT figure',
     'generate': 'left to right with a key/value cache vs Tweedie denoising steps with given characters',
     'conditioning': 'a prompt vs a prompt or an --infill template',
     'parse_args': 'diffusion adds --steps, --eval-passes, --infill and --hole, --graph check',
-    'main': 'generate is called with a prompt vs steps and given characters',
+    'main': 'generate is called with a prompt vs steps and given characters; --export drops the raw weights too',
 }
-DIFFUSION_ONLY = {'SIGMA_MIN', 'SIGMA_MAX', 'T_EPS', 'noise', 'noise_features', 'perturb', 'score_entropy', 'tweedie_probs'}
+DIFFUSION_ONLY = {'EMA_DECAY', 'SIGMA_MIN', 'SIGMA_MAX', 'T_EPS', 'noise', 'noise_features', 'perturb', 'score_entropy', 'tweedie_probs'}
 
 
 def top_level_definitions(path):
@@ -1343,10 +1356,13 @@ def test_ctrl_c_saves_and_resume_continues(resumed):
 
 def test_resume_is_exact(resumed):
     """Interrupting and resuming gives the same weights as an uninterrupted run (optimizer and RNG restored)."""
-    a, b = resumed['a']['model'], resumed['b']['model']
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    for weights in ('model', 'raw'):  # diffusion.py saves the running average and the trained weights
+        if weights not in resumed['a']:
+            continue
+        a, b = resumed['a'][weights], resumed['b'][weights]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), (weights, k)
 
 
 def test_killed_training_never_corrupts_the_checkpoint(workdir, tmp_path):
@@ -1436,10 +1452,11 @@ def test_two_ranks_step_together_like_one_process(two_ranks, workdir, tmp_path, 
     monkeypatch.setattr(module, 'loss_fn', replaying)
     module.train(module.parse_args([*map(str, TWO_RANK_ARGS), '--grad-accum', '2', '--data-dir', str(workdir / 'data'),
                                     '--out', str(tmp_path / 'one.pt')]))
-    one, _ = module.load_checkpoint(str(tmp_path / 'one.pt'))
+    ckpt = torch.load(tmp_path / 'one.pt', weights_only=True)
+    trained = list(ckpt.get('raw', ckpt['model']).values())  # diffusion.py's 'model' is the running average
     assert torch.equal(drawn[0], r0['records'][0]['batch'])  # rank 0 draws what a single process draws
     before_after = [(a['params'], b['params'], seen[2 * step]) for step, (a, b) in enumerate(zip(r0['records'], r1['records']))]
-    for step, (p0, p1, p) in enumerate(before_after + [(r0['final'], r1['final'], list(one.parameters()))]):
+    for step, (p0, p1, p) in enumerate(before_after + [(r0['final'], r1['final'], trained)]):
         if step < TWO_RANK_STOP:  # each rank its own batch, and its own noise or dropout
             assert not torch.equal(r0['records'][step]['batch'], r1['records'][step]['batch']), step
             assert not torch.equal(r0['records'][step]['rng'], r1['records'][step]['rng']), step
