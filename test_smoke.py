@@ -1295,6 +1295,24 @@ def test_benchmark_refuses_mismatched_vocabularies(trained, tmp_path, monkeypatc
     assert out == ''  # no table was started
 
 
+def test_benchmark_scores_samples_and_held_out_text(trained, monkeypatch, capsys):
+    """--benchmark prints a row per sampler, then held-out text scored the same way: the GPT's bits/char on it agree
+    with its validation loss from training (which scores all of data/val.bin by another path), and most of its
+    words are words of the training text."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    code, out, err = call_main(visualize, ['--benchmark', '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0, err
+    rows = [line.strip('| ').split(' | ') for line in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ['GPT, temperature 1, key/value cache', 'GPT, temperature 0.8, key/value cache',
+                                    *(f'diffusion, {n} steps, temperature 1' for n in (16, 32, 64, 128, 256)),
+                                    'diffusion, 128 steps, temperature 0.8', 'held-out text (data/val.bin), for reference']
+    held_out = rows[-1]
+    val_bpc = torch.load(workdir / 'out' / 'gpt.pt', weights_only=True)['summary']['val_bpc']
+    assert abs(float(held_out[4].split(' ± ')[0]) - val_bpc) < 0.05  # random characters: log2(20) = 4.3 here, 0.3 above
+    assert int(held_out[5].rstrip('%')) >= 60
+
+
 def test_generative_bits_is_the_gpt_loss_in_bits():
     """visualize.generative_bits(judge, x) is gpt.loss_fn on x after the start token, per sample, in bits."""
     torch.manual_seed(0)

@@ -156,16 +156,23 @@ def benchmark(args, num_samples=32):
                 for t in (1, 0.8)]
     samplers += [(f'diffusion, {steps} steps, temperature {t}', model, lambda n, steps=steps, t=t: diffusion.generate(model, n, length, steps, t, args.device))
                  for steps, t in ((16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (128, 0.8))]
+
+    def row(name, cost, x):
+        bits = generative_bits(judge, x)
+        words = None if known is None else real_words([''.join(vocab[t] for t in line) for line in x.tolist()], known)
+        print(f'| {name} | {cost} | {bits.mean():.3f} ± {bits.std() / math.sqrt(len(x)):.3f} | '
+              f'{"-" if words is None else f"{words:.0%}"} |', flush=True)
+
     print(f'| sampler | forward passes | GFLOPs | seconds for 1 x {length} characters | generative bits/char ({num_samples} samples) | real words |')
     print('|---|---|---|---|---|---|')
     for name, net, sample in samplers:
         torch.manual_seed(args.seed)
         _, passes, flops, seconds = measure(net, lambda: sample(1))
-        x = sample(num_samples)
-        bits = generative_bits(judge, x)
-        words = None if known is None else real_words([''.join(vocab[t] for t in row) for row in x.tolist()], known)
-        print(f'| {name} | {passes} | {flops / 1e9:.3g} | {seconds:.2f} | {bits.mean():.3f} ± {bits.std() / math.sqrt(num_samples):.3f} | '
-              f'{"-" if words is None else f"{words:.0%}"} |', flush=True)
+        row(name, f'{passes} | {flops / 1e9:.3g} | {seconds:.2f}', sample(num_samples))
+    if known is not None:  # real text, scored the same way: about what a flawless model's samples would get
+        windows = gpt.val_windows(gpt.load_data(gpt.defaults['data_dir'])[1]['val'], length)
+        spread = windows[torch.linspace(0, len(windows) - 1, num_samples).long(), :length]
+        row('held-out text (data/val.bin), for reference', '- | - | -', spread.to(args.device))
 
 # -----------------------------------------------------------------------------
 # command line
