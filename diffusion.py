@@ -31,7 +31,7 @@ KIND = 'diffusion'
 # hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
 defaults = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model; diffusion: noise is regularisation enough
-    batch_size=32, max_iters=14000, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation; diffusion: learns slower per step
+    batch_size=32, max_iters=14000, lr=5e-4, min_lr=1e-4, warmup_iters=100,  # optimisation; diffusion: more steps, lower peak lr
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
     eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping; diffusion: a longer run, evaluated less often
     data_dir='data', out='out/diffusion.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
