@@ -298,6 +298,9 @@ def train(args):
         model, ckpt = load_checkpoint(args.out)
         if ckpt['vocab'] != vocab:
             die(f'{args.out} was trained on another vocabulary than {args.data_dir}/; prepare the same text or train afresh without --resume')
+        if not {'optimizer', 'rng'} <= ckpt.keys():
+            die(f'{args.out} has no training state to resume (an exported checkpoint, like the shipped weights, keeps only the model); '
+                'train afresh without --resume')
         config = model.config
     ema = copy.deepcopy(model).to(args.device)  # diffusion: a running average of the weights, which samples better
     if args.resume:  # diffusion: a checkpoint's 'model' is that average; the weights being trained are its 'raw'

@@ -236,6 +236,9 @@ def train(args):
         model, ckpt = load_checkpoint(args.out)
         if ckpt['vocab'] != vocab:
             die(f'{args.out} was trained on another vocabulary than {args.data_dir}/; prepare the same text or train afresh without --resume')
+        if not {'optimizer', 'rng'} <= ckpt.keys():
+            die(f'{args.out} has no training state to resume (an exported checkpoint, like the shipped weights, keeps only the model); '
+                'train afresh without --resume')
         config = model.config
     model = ddp_model = model.to(args.device)
     if ddp:  # backward() averages the gradients of all processes, so that every copy takes the same step

@@ -1106,6 +1106,24 @@ def test_resume_on_another_vocabulary_is_refused(module, trained, tmp_path, monk
 
 
 @pytest.mark.parametrize('module', [gpt, diffusion])
+def test_resume_of_exported_checkpoint_is_refused(module, trained, tmp_path, monkeypatch, capsys):
+    """--resume from a checkpoint made by --export (as the shipped weights are): no optimizer state to continue
+    from, so one line saying to train afresh, and the file left as it was."""
+    workdir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    exported = tmp_path / 'exported.pt'
+    code, _, _ = call_main(module, ['--ckpt', workdir / 'out' / f'{module.KIND}.pt', '--export', exported, '--device', 'cpu'],
+                           monkeypatch, capsys)
+    assert code == 0
+    before = exported.read_bytes()
+    argv = ['--train', '--resume', *TINY, '--max-iters', '40', '--data-dir', workdir / 'data', '--out', exported, '--device', 'cpu']
+    code, _, err = call_main(module, argv, monkeypatch, capsys)
+    assert_one_error_line(code, err, 'exported.pt has no training state', 'without --resume')
+    assert exported.read_bytes() == before
+    assert os.listdir(tmp_path) == ['exported.pt']
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
 def test_foreign_file_is_not_a_checkpoint(module, tmp_path, monkeypatch, capsys):
     """A file torch loads but that is not one of this project's checkpoints (a tensor, a dict without 'kind'): one line."""
     monkeypatch.chdir(tmp_path)
