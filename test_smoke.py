@@ -661,6 +661,17 @@ def test_prompt_starts_every_sample(module, passes, trained, monkeypatch, capsys
     assert re.search(rf'^3 x 70 characters in [\d.]+ s, {passes} forward passes, about [\d.e+-]+ GFLOPs$', err, re.M), err
 
 
+def test_diffusion_sample_starts_at_a_line(trained, monkeypatch, capsys):
+    """Without a prompt, a diffusion sample starts with the GPT's start token (token 0, the line break here), as the
+    GPT's samples start after it: one context of text that begins at the start of a line, not in the middle of a word."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    code, out, err = call_main(diffusion, ['--num-samples', 4, '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0, err
+    for text in samples_of(out, 4):
+        assert len(text) == 32 and text[0] == '\n' and text[1:].strip(), repr(text)
+
+
 @pytest.mark.parametrize('hole', ['_', '#'])
 def test_infill_keeps_the_template(hole, trained, monkeypatch, capsys):
     """--infill: every character of the template but the holes is kept, and every hole gets a character of the vocabulary."""

@@ -154,7 +154,9 @@ def benchmark(args, num_samples=32):
     length = args.length or min(judge.config.block_size, model.config.block_size)
     samplers = [(f'GPT, temperature {t}, key/value cache', judge, lambda n, t=t: gpt.generate(judge, n, length, t, args.device))
                 for t in (1, 0.8)]
-    samplers += [(f'diffusion, {steps} steps, temperature {t}', model, lambda n, steps=steps, t=t: diffusion.generate(model, n, length, steps, t, args.device))
+    start = torch.tensor([0] + [len(vocab)] * (length - 1))  # as `python diffusion.py`: the GPT's start token, then the sample
+    samplers += [(f'diffusion, {steps} steps, temperature {t}', model,
+                  lambda n, steps=steps, t=t: diffusion.generate(model, n, length, steps, t, args.device, given=start)[:, 1:])
                  for steps, t in ((16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (128, 0.8))]
 
     def row(name, cost, x):
@@ -170,9 +172,11 @@ def benchmark(args, num_samples=32):
         _, passes, flops, seconds = measure(net, lambda: sample(1))
         row(name, f'{passes} | {flops / 1e9:.3g} | {seconds:.2f}', sample(num_samples))
     if known is not None:  # real text, scored the same way: about what a flawless model's samples would get
-        windows = gpt.val_windows(gpt.load_data(gpt.defaults['data_dir'])[1]['val'], length)
-        spread = windows[torch.linspace(0, len(windows) - 1, num_samples).long(), :length]
-        row('held-out text (data/val.bin), for reference', '- | - | -', spread.to(args.device))
+        val = torch.from_numpy(gpt.load_data(gpt.defaults['data_dir'])[1]['val'].astype('int64'))
+        starts = 1 + torch.nonzero(val[:-length] == 0).flatten()  # after a start token, as the samples are
+        starts = starts if len(starts) else torch.arange(len(val) - length + 1)  # (a text without one: anywhere)
+        spread = starts[torch.linspace(0, len(starts) - 1, num_samples).long()]
+        row('held-out text (data/val.bin), for reference', '- | - | -', torch.stack([val[i:i + length] for i in spread]).to(args.device))
 
 # -----------------------------------------------------------------------------
 # command line
