@@ -472,7 +472,8 @@ def conditioning(args, vocab, block_size):
     """The length of the samples and the characters they keep: token ids, and len(vocab) (the mask) where to generate."""
     if args.infill is None:
         prompt, length = encode(args.prompt or '', vocab, '--prompt'), args.length or block_size  # by default, one context
-        prompt = prompt or [0]  # diffusion: else the text starts with the GPT's start token ('\n' in Shakespeare), not mid-word
+        if not prompt and length > 1:  # diffusion: start with the GPT's start token ('\n' in Shakespeare), not mid-word
+            prompt = [0]
         if len(prompt) > block_size:
             die(f'--prompt has {len(prompt)} characters, more than the context of {block_size}; give a shorter one')
         if len(prompt) > length:
