@@ -1342,6 +1342,17 @@ def test_benchmark_scores_samples_and_held_out_text(trained, monkeypatch, capsys
     assert int(held_out[5].rstrip('%')) >= 60
 
 
+def test_benchmark_of_one_character_is_finite(trained, monkeypatch, capsys):
+    """--benchmark --length 1: no room for the diffusion model's start token, so its one character is generated and
+    scored; every row has a finite figure."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    code, out, err = call_main(visualize, ['--benchmark', '--length', 1, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0, err
+    rows = [line.strip('| ').split(' | ') for line in out.splitlines()[2:]]
+    assert len(rows) == 9 and all(math.isfinite(float(r[4].split(' ± ')[0])) for r in rows), out
+
+
 def test_generative_bits_is_the_gpt_loss_in_bits():
     """visualize.generative_bits(judge, x) is gpt.loss_fn on x after the start token, per sample, in bits."""
     torch.manual_seed(0)
