@@ -21,6 +21,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+if __name__ == '__main__':  # Ctrl-C stops quietly from the start, while torch loads too; training replaces this to save first
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))  # at once: an exception raised inside an import may be swallowed
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -543,7 +546,6 @@ def main():
         return evaluate(model, args)
     length, given = conditioning(args, ckpt['vocab'], model.config.block_size)  # diffusion: the characters to keep, a prompt or a template
     torch.manual_seed(args.seed)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
     x, passes, flops, seconds = measure(model, lambda: generate(model, args.num_samples, length, args.steps, args.temperature, args.device, given=given))
     for i, row in enumerate(x.tolist()):
         print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))

@@ -18,6 +18,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+if __name__ == '__main__':  # Ctrl-C stops quietly from the start, while torch loads too; training replaces this to save first
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))  # at once: an exception raised inside an import may be swallowed
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -428,7 +431,6 @@ def main():
         return evaluate(model, args)
     length, prompt = conditioning(args, ckpt['vocab'], model.config.block_size)
     torch.manual_seed(args.seed)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C while sampling just stops
     x, passes, flops, seconds = measure(model, lambda: generate(model, args.num_samples, length, args.temperature, args.device, prompt=prompt))
     for i, row in enumerate(x.tolist()):
         print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))

@@ -1213,6 +1213,22 @@ def test_ctrl_c_while_sampling_exits_quietly(script, trained, tmp_path):
     assert (tmp_path / 'stdout').read_text() == ''
 
 
+@pytest.mark.parametrize('argv', [['gpt.py', *SAMPLE_LONG['gpt.py']], ['diffusion.py', *SAMPLE_LONG['diffusion.py']],
+                                  ['diffusion.py', '--eval'], ['gpt.py', '--train', *TINY, '--max-iters', 10 ** 6],
+                                  ['visualize.py', '--compare', '--steps', 100000, '--length', 32]], ids=lambda a: ' '.join(map(str, a[:2])))
+def test_ctrl_c_while_starting_exits_quietly(argv, trained):
+    """Ctrl-C a fifth of a second after start, while Python still imports torch (or, on a fast machine, a little later):
+    exit 0, no traceback, no text."""
+    workdir, _ = trained
+    proc = subprocess.Popen([sys.executable, str(REPO / argv[0]), *map(str, argv[1:]), '--device', 'cpu'], cwd=workdir, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and 'Traceback' not in err, err
+    assert out == '' or argv[1] == '--train', out  # training that got going saves and says so on stdout
+
+
 @pytest.mark.skipif(sys.platform == 'win32', reason='needs a pseudo-terminal')
 def test_ctrl_c_in_visualize_ends_the_show(trained):
     """Ctrl-C while visualize.py samples in a terminal exits 0, with no traceback, and gives the cursor back."""

@@ -17,9 +17,13 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
+
+if __name__ == '__main__':  # Ctrl-C stops quietly from the start, while torch loads too
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))  # at once: an exception raised inside an import may be swallowed
 
 import torch
 
@@ -243,6 +247,7 @@ def main():
     if args.benchmark:
         return benchmark(args)
     animate = sys.stdout.isatty()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again, caught below
     try:
         run(args, animate)
     except KeyboardInterrupt:  # Ctrl-C ends the show early, without a traceback
