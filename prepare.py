@@ -8,7 +8,11 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
+
+if __name__ == '__main__':  # Ctrl-C stops quietly from the start, while numpy loads too
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))  # at once: an exception raised inside an import may be swallowed
 
 import numpy as np
 import requests
@@ -86,9 +90,11 @@ def main():
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         die(f'--out-dir {args.out_dir} is a file; give a folder name')
     os.makedirs(args.out_dir, exist_ok=True)
-    write_atomic(os.path.join(args.out_dir, 'train.bin'), ids[:n_train].tobytes())
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the three files are written together, never one alone:
+    write_atomic(os.path.join(args.out_dir, 'train.bin'), ids[:n_train].tobytes())  # Ctrl-C is ignored for these few ms
     write_atomic(os.path.join(args.out_dir, 'val.bin'), ids[n_train:].tobytes())
     write_atomic(os.path.join(args.out_dir, 'meta.json'), json.dumps(meta, indent=1).encode('utf-8'))
+    signal.signal(signal.SIGINT, ctrl_c)
     print(f'{len(text):,} characters from {source}')
     print(f'vocabulary: {len(vocab)} characters: {vocab!r}')
     print(f'train: {n_train:,} tokens, val: {len(text) - n_train:,} tokens -> {args.out_dir}/')

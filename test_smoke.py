@@ -7,6 +7,7 @@ temporary folder, offline, in a few minutes at most.
 """
 import ast
 import contextlib
+import json
 import math
 import os
 import random
@@ -1227,6 +1228,25 @@ def test_ctrl_c_while_starting_exits_quietly(argv, trained):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and 'Traceback' not in err, err
     assert out == '' or argv[1] == '--train', out  # training that got going saves and says so on stdout
+
+
+def test_ctrl_c_in_prepare_writes_all_or_nothing(tmp_path):
+    """Ctrl-C at several moments of prepare.py: exit 0, no traceback, and data/ holds all three files, consistent with
+    each other, or nothing."""
+    (tmp_path / 'corpus.txt').write_text(corpus(200_000))
+    for delay in (0.05, 0.1, 0.2, 0.3, 0.4):
+        out_dir = tmp_path / f'data{delay}'
+        proc = subprocess.Popen([sys.executable, str(REPO / 'prepare.py'), '--input', 'corpus.txt', '--out-dir', out_dir], cwd=tmp_path,
+                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and 'Traceback' not in err, err
+        files = sorted(os.listdir(out_dir)) if out_dir.exists() else []
+        assert files in ([], ['meta.json', 'train.bin', 'val.bin']), files
+        if files:
+            meta = json.loads((out_dir / 'meta.json').read_text())
+            assert (out_dir / 'train.bin').stat().st_size == 2 * meta['n_train'] and (out_dir / 'val.bin').stat().st_size == 2 * meta['n_val']
 
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='needs a pseudo-terminal')
