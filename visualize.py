@@ -158,8 +158,8 @@ def benchmark(args, num_samples=32):
     length = args.length or min(judge.config.block_size, model.config.block_size)
     samplers = [(f'GPT, temperature {t}, key/value cache', judge, lambda n, t=t: gpt.generate(judge, n, length, t, args.device))
                 for t in (1, 0.8)]
-    skip = int(length > 1)  # as `python diffusion.py` does: the GPT's start token first, where there is room for more
-    start = torch.tensor([0] * skip + [len(vocab)] * (length - skip))
+    _, start = diffusion.conditioning(args, vocab, length)  # as `python diffusion.py`: the GPT's start token, then masks
+    skip = int(start[0] < len(vocab))  # that token is given, not sampled: it is not scored
     samplers += [(f'diffusion, {steps} steps, temperature {t}', model,
                   lambda n, steps=steps, t=t: diffusion.generate(model, n, length, steps, t, args.device, given=start)[:, skip:])
                  for steps, t in ((16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (128, 0.8))]
