@@ -11,8 +11,10 @@ import os
 import signal
 import sys
 
-if __name__ == '__main__':  # Ctrl-C stops quietly from the start, while numpy loads too
-    signal.signal(signal.SIGINT, lambda *_: os._exit(0))  # at once: an exception raised inside an import may be swallowed
+# Ctrl-C stops quietly from the start, while numpy loads too; os._exit at once, because an
+# exception raised inside an import may be swallowed
+if __name__ == '__main__':
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
 
 import numpy as np
 import requests
@@ -35,8 +37,8 @@ def download():
         die(f'could not download Tiny Shakespeare ({type(e).__name__}); '
             f'use a local copy instead: python prepare.py --input FILE')
     if hashlib.sha256(r.content).hexdigest() != SHA256:
-        die(f'the downloaded file is incomplete or altered ({len(r.content):,} bytes, expected 1,115,394); '
-            f'try again or use a local copy: python prepare.py --input FILE')
+        die(f'the downloaded file is incomplete or altered ({len(r.content):,} bytes, expected '
+            '1,115,394); try again or use a local copy: python prepare.py --input FILE')
     return r.content.decode('utf-8')
 
 
@@ -51,7 +53,8 @@ def read_text(path):
     try:
         return raw.decode('utf-8')
     except UnicodeDecodeError as e:
-        die(f'{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. iconv -t UTF-8')
+        die(f'{path} is not UTF-8 text (bad byte at offset {e.start}); '
+            'convert it, e.g. iconv -t UTF-8')
 
 
 def write_atomic(path, data):
@@ -65,8 +68,9 @@ def write_atomic(path, data):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--input', help='a UTF-8 text file to use instead of downloading Tiny Shakespeare')
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--input', help='a UTF-8 text file, instead of downloading Tiny Shakespeare')
     p.add_argument('--out-dir', default='data', help='where to write train.bin, val.bin, meta.json')
     args = p.parse_args()
 
@@ -76,7 +80,8 @@ def main():
         die(f'{args.input} is empty; give a file with some text in it')
     vocab = ''.join(sorted(set(text)))
     if len(vocab) > 65536:
-        die(f'the text has {len(vocab):,} distinct characters, more than uint16 token ids can hold (65,536)')
+        die(f'the text has {len(vocab):,} distinct characters, more than uint16 token ids can '
+            'hold (65,536)')
     n_train = int(0.9 * len(text))
     if len(text) - n_train < MIN_CHARS:
         die(f'the text has {len(text):,} characters; it needs at least {10 * MIN_CHARS:,} '
@@ -90,10 +95,12 @@ def main():
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         die(f'--out-dir {args.out_dir} is a file; give a folder name')
     os.makedirs(args.out_dir, exist_ok=True)
-    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the three files are written together, never one alone:
-    write_atomic(os.path.join(args.out_dir, 'train.bin'), ids[:n_train].tobytes())  # Ctrl-C is ignored for these few ms
-    write_atomic(os.path.join(args.out_dir, 'val.bin'), ids[n_train:].tobytes())
-    write_atomic(os.path.join(args.out_dir, 'meta.json'), json.dumps(meta, indent=1).encode('utf-8'))
+    # the three files are written together, never one alone: Ctrl-C waits for these few ms
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    write_atomic(out('train.bin'), ids[:n_train].tobytes())
+    write_atomic(out('val.bin'), ids[n_train:].tobytes())
+    write_atomic(out('meta.json'), json.dumps(meta, indent=1).encode('utf-8'))
     signal.signal(signal.SIGINT, ctrl_c)
     print(f'{len(text):,} characters from {source}')
     print(f'vocabulary: {len(vocab)} characters: {vocab!r}')

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import diffusion  # noqa: E402
 import gpt  # noqa: E402
 import prepare  # noqa: E402
+import plumbing  # noqa: E402
 import visualize  # noqa: E402
 
 # tiny models for everything that trains; one thread, so that two processes never fight over cores
@@ -477,6 +478,69 @@ def test_diffusion_output_is_a_concrete_score():
     assert torch.allclose(out.logsumexp(-1), -torch.log(torch.expm1(sigma_bar))[:, None].expand(3, 16), atol=1e-5)
 
 
+def test_absorb_network_ignores_the_noise_level():
+    """absorb: p(x_0 | x_t) = softmax of the output is the same at every noise level, which only
+    scales the score by 1 / (e^sigma_bar - 1); the uniform network's output does depend on it."""
+    torch.manual_seed(0)
+    idx = torch.randint(12, (2, 16))
+    with torch.no_grad():
+        absorb = diffusion.Transformer(tiny_config(diffusion, graph='absorb')).eval()
+        assert not any('noise' in name for name, _ in absorb.named_parameters())
+        probs = [absorb(idx, torch.full((2,), s)).softmax(-1) for s in (1e-3, 0.5, 3.0, 15.0)]
+        assert all(torch.allclose(p, probs[0], atol=1e-6) for p in probs)
+        uniform = diffusion.Transformer(tiny_config(diffusion, graph='uniform')).eval()
+        outs = [uniform(idx % 11, torch.full((2,), s)) for s in (1e-3, 3.0)]
+        assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_old_absorb_checkpoint_loads_with_its_noise_input_folded(tmp_path):
+    """A checkpoint written before the absorbing network lost its noise input still loads: the
+    noise embedding at t = 1/2, added to every embedding row, gives the old network's output at
+    that level, whatever level the new network is then given. Export writes it without one."""
+    torch.manual_seed(0)
+    config = tiny_config(diffusion, graph='absorb')
+    model = diffusion.Transformer(config).eval()
+    mlp = nn.Sequential(nn.Linear(64, 32), nn.SiLU(), nn.Linear(32, 32))
+    old = dict(model.state_dict(), **{f'noise_mlp.{k}': v for k, v in mlp.state_dict().items()})
+    torch.save(dict(kind='diffusion', config=asdict(config), vocab='abcdefghijk', model=old, step=1,
+                    summary=dict(tokens=0, seconds=0.0)), tmp_path / 'old.pt')
+    loaded, ckpt = diffusion.load_checkpoint(str(tmp_path / 'old.pt'))
+    idx = torch.randint(12, (2, 16))
+    level = diffusion.noise(torch.tensor([0.5]), 'absorb')[0]
+    with torch.no_grad():
+        x = model.wte(idx) + mlp(diffusion.noise_features(level))[:, None]  # the old forward
+        for block in model.blocks:
+            x = block(x)
+        before = model.head(model.ln_f(x)).log_softmax(-1)
+        for sigma in (0.01, 0.6931, 5.0):
+            now = loaded(idx, torch.full((2,), sigma)) + math.log(math.expm1(sigma))
+            assert torch.allclose(now, before, atol=1e-5), sigma
+        moved = mlp(diffusion.noise_features(torch.tensor([3.0])))
+        assert (moved - mlp(diffusion.noise_features(level))).abs().max() > 1e-3  # it did depend
+    assert 'noise_mlp.0.weight' not in ckpt['model']  # what --export then writes
+
+
+def test_absorb_sampler_skips_passes_that_would_change_nothing():
+    """The absorbing sampler runs the network only after a step that changed some character (its
+    output cannot differ otherwise): 1 + (steps that changed something) passes, and at many steps
+    for few characters far fewer than steps + 1. The uniform sampler runs it at every step."""
+    torch.manual_seed(0)
+    for graph, steps in (('absorb', 64), ('absorb', 4), ('uniform', 16)):
+        model = diffusion.Transformer(tiny_config(diffusion, graph=graph)).eval()
+        frames = []
+        x, passes, _, _ = diffusion.measure(model, lambda: diffusion.generate(
+            model, 1, 16, steps=steps, callback=lambda step, x: frames.append(x.clone())))
+        # step k runs the network on what step k - 1 made; the first, on the masks
+        inputs = [torch.full((1, 16), 11)] + frames[:-1]
+        changed = sum(not torch.equal(a, b) for a, b in zip(inputs, inputs[1:]))
+        if graph == 'absorb':
+            assert passes == 1 + changed
+            assert passes <= 17 or steps < 16
+        else:
+            assert passes == steps + 1
+        assert (x < 11).all()
+
+
 def test_gpt_key_value_cache_changes_no_token(monkeypatch):
     """gpt.generate with its cache draws the same tokens for the same seed as feeding the whole context at every step,
     through a prompt and restarted contexts (40 characters, context 16). Without its position offset, it does not."""
@@ -595,7 +659,7 @@ def test_checkpoint_round_trip(module, graph, tmp_path):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # not the initial weights
     path = tmp_path / 'sub' / 'ckpt.pt'
-    module.save_checkpoint(str(path), dict(kind=module.KIND, config=asdict(config), vocab='abcdefghijk', model=model.state_dict(),
+    plumbing.save_checkpoint(str(path), dict(kind=module.KIND, config=asdict(config), vocab='abcdefghijk', model=model.state_dict(),
                                            step=7, summary=dict(tokens=0, seconds=0.0)))
     assert os.listdir(path.parent) == ['ckpt.pt']
     loaded, ckpt = module.load_checkpoint(str(path))
@@ -832,23 +896,20 @@ def test_cli_visualize_no_color_in_a_terminal(trained):
 
 EXPECTED_DIFFERENCES = {
     'KIND': "'gpt' vs 'diffusion'",
-    'defaults': 'diffusion adds graph, no dropout, more steps, its own --out',
-    'SHIPPED': 'weights/<kind>.pt',
+    'defaults': 'diffusion adds graph, no dropout, more steps at a lower learning rate',
     'EXTRA': 'a GPT window holds one more character, the target of the last position',
     'Config': 'diffusion adds graph',
     'CAUSAL': 'the GPT masks the future, the denoiser sees the whole sequence',
     'SelfAttention': 'the GPT keeps a key/value cache while sampling; the denoiser sees a new sequence at every step',
-    'Block': "passes the GPT's cache on to attention",
-    'Transformer': "diffusion: mask token, noise-level input, concrete-score output; the GPT passes its cache on",
+    'Transformer': "diffusion: mask token, the uniform graph's noise-level input, concrete-score output",
     'loss_fn': 'cross-entropy vs diffusion-weighted score entropy',
-    'train': 'diffusion passes graph into Config and keeps a running average of the weights',
-    'evaluate': 'diffusion: repeated passes and a standard error, prints the GPT figure',
+    'train': 'diffusion keeps a running average of the weights, and saves both',
+    'evaluate': 'diffusion: repeated passes over random noise levels',
     'generate': 'left to right with a key/value cache vs Tweedie denoising steps with given characters',
-    'conditioning': 'a prompt vs a prompt or an --infill template',
-    'parse_args': 'diffusion adds --steps, --eval-passes, --infill and --hole, --graph check',
-    'main': 'generate is called with a prompt vs steps and given characters; --export drops the raw weights too',
+    'main': 'generate is called with a prompt vs steps and given characters',
 }
-DIFFUSION_ONLY = {'EMA_DECAY', 'SIGMA_MIN', 'SIGMA_MAX', 'T_EPS', 'noise', 'noise_features', 'perturb', 'score_entropy', 'tweedie_probs'}
+DIFFUSION_ONLY = {'EMA_DECAY', 'SIGMA_MIN', 'SIGMA_MAX', 'T_EPS', 'noise', 'noise_features', 'forward_probs', 'perturb',
+                  'score_entropy', 'tweedie_probs'}
 
 
 def top_level_definitions(path):
@@ -958,17 +1019,26 @@ BAD_ARGS = {
     diffusion: [['--num-samples', '0'], ['--length', '0'], ['--length', '1000001'], ['--steps', '0'], ['--eval-passes', '0'], ['--temperature', '0'], ['--device', 'tpu'],
                 ['--device', 'cuda'], ['--graph', 'foo'], ['--max-iters', '0']],
 }
+# every float flag must be finite and inside its range, and a few integers have a floor too
+for _module in (gpt, diffusion):
+    BAD_ARGS[_module] += [['--lr', 'nan'], ['--lr', '0'], ['--lr', 'inf'], ['--min-lr', '-0.0001'], ['--min-lr', '0.5'],
+                          ['--temperature', 'nan'], ['--temperature', 'inf'], ['--dropout', '1'], ['--dropout', '-0.1'],
+                          ['--weight-decay', 'nan'], ['--weight-decay', '-1'], ['--grad-clip', '0'], ['--grad-clip', 'inf'],
+                          ['--warmup-iters', '-1'], ['--seed', '-1']]
 
 
 @pytest.mark.parametrize('module,argv', [(m, a) for m, cases in BAD_ARGS.items() for a in cases],
                          ids=lambda v: v.KIND if hasattr(v, 'KIND') else ' '.join(v))
 def test_bad_arguments_give_one_line(module, argv, capsys):
-    """Each bad argument is refused by parse_args with one 'error:' line naming the flag."""
+    """Each bad argument is refused by parse_args with one 'error:' line naming the flag (and, for a number,
+    the value and the range allowed)."""
     if argv == ['--device', 'cuda'] and torch.cuda.is_available():
         pytest.skip('CUDA is available here')
     with pytest.raises(SystemExit) as e:
         module.parse_args(argv)
-    assert_one_error_line(e.value.code, capsys.readouterr().err, argv[0])
+    line = assert_one_error_line(e.value.code, capsys.readouterr().err, argv[0])
+    if argv[0] in ('--lr', '--temperature', '--dropout', '--weight-decay', '--grad-clip'):
+        assert argv[1] in line and ('(' in line or '[' in line), line
 
 
 @pytest.mark.parametrize('script,argv', [('gpt.py', ['--prompt', 'the Zoo\tcafé']), ('diffusion.py', ['--infill', 'the Z__\tcafé'])],
@@ -1018,13 +1088,21 @@ def test_bad_prompts_and_templates_give_one_line(module, argv, needles, trained,
     pytest.param(['--n-head', '3'], id='n-head-not-dividing-n-embd'),
     pytest.param(['--eval-interval', '0'], id='eval-interval-0'),
     pytest.param(['--eval-iters', '0'], id='eval-iters-0'),
+    pytest.param(['--out', 'a-file/model.pt'], id='out-under-a-file'),
+    pytest.param(['--out', 'a-folder'], id='out-a-folder'),
+    pytest.param(['--batch-size', '100000000'], id='batch-beyond-memory'),
 ])
 def test_bad_training_settings_give_one_line(module, bad, workdir, tmp_path, monkeypatch, capsys):
-    """Training settings that cannot work are refused with one 'error:' line naming the flag."""
+    """Training settings that cannot work are refused with one 'error:' line naming the flag, before the first
+    step (an --out that cannot be written is not found only at the first save), leaving no file behind."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / 'a-file').write_text('not a folder')
+    (tmp_path / 'a-folder').mkdir()
     argv = ['--train', *TINY, '--max-iters', '3', '--eval-interval', '2', '--data-dir', workdir / 'data', '--device', 'cpu', *bad]
-    code, _, err = call_main(module, argv, monkeypatch, capsys)
-    assert_one_error_line(code, err, bad[0])
+    code, out, err = call_main(module, argv, monkeypatch, capsys)
+    assert_one_error_line(code, err, bad[0], *(['memory'] if bad[0] == '--batch-size' else []))
+    assert 'step ' not in out and sorted(os.listdir(tmp_path)) == ['a-file', 'a-folder']
+    assert os.listdir(tmp_path / 'a-folder') == []
 
 
 @pytest.mark.parametrize('module', [gpt, diffusion])
@@ -1218,12 +1296,12 @@ def test_ctrl_c_while_sampling_exits_quietly(script, trained, tmp_path):
                                   ['diffusion.py', '--eval'], ['gpt.py', '--train', *TINY, '--max-iters', 10 ** 6],
                                   ['visualize.py', '--compare', '--steps', 100000, '--length', 32]], ids=lambda a: ' '.join(map(str, a[:2])))
 def test_ctrl_c_while_starting_exits_quietly(argv, trained):
-    """Ctrl-C a fifth of a second after start, while Python still imports torch (or, on a fast machine, a little later):
-    exit 0, no traceback, no text."""
+    """Ctrl-C after a fifth of a second of the child's CPU time, while Python still imports torch (or, on a fast
+    machine, a little later): exit 0, no traceback, no text."""
     workdir, _ = trained
     proc = subprocess.Popen([sys.executable, str(REPO / argv[0]), *map(str, argv[1:]), '--device', 'cpu'], cwd=workdir, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.2)
+    wait_for_cpu(proc, 0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and 'Traceback' not in err, err
@@ -1234,11 +1312,11 @@ def test_ctrl_c_in_prepare_writes_all_or_nothing(tmp_path):
     """Ctrl-C at several moments of prepare.py: exit 0, no traceback, and data/ holds all three files, consistent with
     each other, or nothing."""
     (tmp_path / 'corpus.txt').write_text(corpus(200_000))
-    for delay in (0.05, 0.1, 0.2, 0.3, 0.4):
+    for delay in (0.08, 0.1, 0.2, 0.3, 0.4):  # seconds of the child's CPU time: a busy machine does not shift them
         out_dir = tmp_path / f'data{delay}'
         proc = subprocess.Popen([sys.executable, str(REPO / 'prepare.py'), '--input', 'corpus.txt', '--out-dir', out_dir], cwd=tmp_path,
                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
+        wait_for_cpu(proc, delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and 'Traceback' not in err, err
@@ -1278,6 +1356,25 @@ def test_training_leaves_shipped_weights_alone(module, trained, tmp_path, monkey
     assert os.listdir(shipped.parent) == [shipped.name]
     assert torch.load(tmp_path / 'out' / f'{module.KIND}.pt', weights_only=True)['step'] == 2
     assert f'saved out/{module.KIND}.pt at step 2' in out
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
+def test_samples_beyond_memory_give_one_line(module, trained, monkeypatch, capsys):
+    """Asking for more samples than memory holds: one line naming the memory needed, before anything is allocated;
+    and should the allocator still fail while sampling, one line too, not its traceback."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    code, out, err = call_main(module, ['--num-samples', 10 ** 9, '--length', 32, '--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, '1000000000 samples', 'GB of memory', '--num-samples')
+    assert out == ''
+
+    def failing(*args, **kwargs):
+        raise RuntimeError('[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to '
+                           'allocate 123456789 bytes.')
+    monkeypatch.setattr(module, 'generate', failing)
+    code, out, err = call_main(module, ['--length', 8, '--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, 'out of memory', '--num-samples')
+    assert out == ''
 
 
 def test_too_long_sample_is_refused_by_visualize(trained, monkeypatch, capsys):
@@ -1370,8 +1467,12 @@ def test_benchmark_scores_samples_and_held_out_text(trained, monkeypatch, capsys
     assert code == 0, err
     rows = [line.strip('| ').split(' | ') for line in out.splitlines()[2:]]
     assert [r[0] for r in rows] == ['GPT, temperature 1, key/value cache', 'GPT, temperature 0.8, key/value cache',
-                                    *(f'diffusion, {n} steps, temperature 1' for n in (16, 32, 64, 128, 256)),
+                                    *(f'diffusion, {n} steps, temperature 1' for n in (16, 32, 64, 128, 256, 1024)),
                                     'diffusion, 128 steps, temperature 0.8', 'held-out text (data/val.bin), for reference']
+    # the absorbing sampler runs the network only when a step changed a character: at most once per character
+    passes = {r[0]: int(r[1]) for r in rows[:-1]}
+    assert passes['diffusion, 128 steps, temperature 1'] <= 32 and passes['diffusion, 1024 steps, temperature 1'] <= 32
+    assert passes['diffusion, 16 steps, temperature 1'] <= 17
     held_out = rows[-1]
     val_bpc = torch.load(workdir / 'out' / 'gpt.pt', weights_only=True)['summary']['val_bpc']
     assert abs(float(held_out[4].split(' ± ')[0]) - val_bpc) < 0.05  # random characters: log2(20) = 4.3 here, 0.3 above
@@ -1386,7 +1487,7 @@ def test_benchmark_of_one_character_is_finite(trained, monkeypatch, capsys):
     code, out, err = call_main(visualize, ['--benchmark', '--length', 1, '--device', 'cpu'], monkeypatch, capsys)
     assert code == 0, err
     rows = [line.strip('| ').split(' | ') for line in out.splitlines()[2:]]
-    assert len(rows) == 9 and all(math.isfinite(float(r[4].split(' ± ')[0])) for r in rows), out
+    assert len(rows) == 10 and all(math.isfinite(float(r[4].split(' ± ')[0])) for r in rows), out
 
 
 def test_generative_bits_is_the_gpt_loss_in_bits():
@@ -1419,7 +1520,8 @@ def train_cmd(script, out, *extra):
 
 @pytest.fixture(scope='module', params=['gpt.py', 'diffusion.py'])
 def resumed(request, workdir):
-    """Run A trains RESUME_ITERS steps; run B gets Ctrl-C after its first progress line and then --resume."""
+    """Run A trains RESUME_ITERS steps; run B gets Ctrl-C (gpt.py) or SIGTERM (diffusion.py, as a scheduler, docker
+    stop or kill sends) after its first progress line, and then --resume."""
     script = request.param
     a, b = workdir / f'resume_a_{script}.pt', workdir / f'resume_b_{script}.pt'
     res = subprocess.run(train_cmd(script, a), cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
@@ -1429,20 +1531,22 @@ def resumed(request, workdir):
     for line in proc.stdout:
         first += line
         if line.startswith('step 10/'):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT if script == 'gpt.py' else signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     stopped = torch.load(b, weights_only=True)['step']
     res = subprocess.run(train_cmd(script, b, '--resume'), cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    return dict(a=torch.load(a, weights_only=True), b=torch.load(b, weights_only=True), stopped=stopped,
+    return dict(a=torch.load(a, weights_only=True), b=torch.load(b, weights_only=True), stopped=stopped, b_path=b,
                 interrupted=first + out, resumed=res.stdout)
 
 
-def test_ctrl_c_saves_and_resume_continues(resumed):
-    """Ctrl-C saves mid-run and exits 0 with the resume command; --resume continues from that step to the end."""
+def test_ctrl_c_or_sigterm_saves_and_resume_continues(resumed):
+    """Ctrl-C or SIGTERM saves mid-run, at the step it reached, and exits 0 with the resume command; --resume
+    continues from that step to the end."""
     assert 10 <= resumed['stopped'] < RESUME_ITERS
+    assert f"saved {resumed['b_path']} at step {resumed['stopped']}" in resumed['interrupted']
     assert 'interrupted' in resumed['interrupted'] and '--resume' in resumed['interrupted']
     assert f"from step {resumed['stopped']}" in resumed['resumed']
     assert resumed['b']['step'] == RESUME_ITERS
@@ -1500,8 +1604,8 @@ def recording(model, batch):  # each training batch, the random state of its noi
     if torch.is_grad_enabled():
         records.append(dict(batch=batch, rng=torch.get_rng_state(), params=[p.detach().clone() for p in model.parameters()]))
         recording.model = model
-        if rank == 1 and len(records) == stop_at:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C on rank 1 alone, during this step
+        if rank == 1 and len(records) == stop_at:  # on rank 1 alone, during this step: Ctrl-C or SIGTERM
+            signal.raise_signal(signal.SIGINT if name == 'gpt' else signal.SIGTERM)
     return real(model, batch)
 module.loss_fn = recording
 sys.argv = [name + '.py', *sys.argv[4:]]
@@ -1561,9 +1665,9 @@ def test_two_ranks_step_together_like_one_process(two_ranks, workdir, tmp_path, 
     assert moved > 1e-3  # the weights did move: far more than the tolerance above
 
 
-def test_ctrl_c_on_one_rank_stops_both(two_ranks):
-    """Ctrl-C on rank 1 alone: both ranks finish that step and stop (none waits for the other forever), rank 0
-    saves and prints, once, and torchrun exits 0."""
+def test_ctrl_c_or_sigterm_on_one_rank_stops_both(two_ranks):
+    """Ctrl-C (gpt.py) or SIGTERM (diffusion.py) on rank 1 alone: both ranks finish that step and stop (none waits for
+    the other forever), rank 0 saves and prints, once, and torchrun exits 0."""
     r0, r1 = two_ranks['ranks']
     assert len(r0['records']) == len(r1['records']) == TWO_RANK_STOP
     lines = two_ranks['stdout'].splitlines()
@@ -1592,3 +1696,153 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, workdir, monkeypa
     ckpt = torch.load(d / 'two.pt', weights_only=True)
     assert ckpt['step'] == TWO_RANK_ITERS
     assert ckpt['summary']['tokens'] == TWO_RANK_STOP * 2 * 8 * 32 + (TWO_RANK_ITERS - TWO_RANK_STOP) * 8 * 32
+
+
+# -----------------------------------------------------------------------------
+# svg animation
+
+import xml.etree.ElementTree as ET  # noqa: E402
+
+SVG = '{http://www.w3.org/2000/svg}'
+HREF = '{http://www.w3.org/1999/xlink}href'
+
+
+def svg_columns(path):
+    """The columns of a visualize.py --svg file, read back as a browser would: {name: cells}, a cell
+    being (x, y, timeline) in the order of the text, a timeline [(moment, a fraction of the loop,
+    glyph shown from then on)], a glyph the text of the <defs> element the cell shows, in brackets
+    when it is drawn reversed (just changed)."""
+    root = ET.parse(path).getroot()
+    assert root.tag == SVG + 'svg'
+    glyphs = {el.get('id'): ''.join(el.itertext()) for el in root.find(SVG + 'defs')}
+    glyphs.update({el.get('id'): f'[{glyphs[el.get("id")]}]' for el in root.find(SVG + 'defs') if el.find(SVG + 'rect') is not None})
+    columns = {}
+    for column in root.iter(SVG + 'g'):
+        text = column.find(SVG + "g[@class='text']")
+        if text is None:
+            continue
+        cells = []
+        for use in text.findall(SVG + 'use'):
+            animate = use.find(SVG + 'animate')
+            if animate is None:  # never changes
+                timeline = [(0.0, glyphs[use.get(HREF)[1:]])]
+            else:
+                assert animate.get('attributeName') == 'xlink:href' and animate.get('calcMode') == 'discrete'
+                assert animate.get('repeatCount') == 'indefinite' and re.fullmatch(r'\d+ms', animate.get('dur'))
+                times = [float(t) for t in animate.get('keyTimes').split(';')]
+                values = animate.get('values').split(';')
+                assert len(times) == len(values) > 1 and times[0] == 0 and times[-1] < 1
+                assert all(a < b for a, b in zip(times, times[1:])), times
+                timeline = [(t, glyphs[v[1:]]) for t, v in zip(times, values)]
+                assert use.get(HREF) == values[-1]  # a viewer that does not animate shows the end
+            cells.append((float(use.get('x')), float(use.get('y')), timeline))
+        columns[column.get('id')] = cells
+    return columns
+
+
+def shown(timeline, moment):
+    return [glyph for t, glyph in timeline if t <= moment][-1]
+
+
+def final_text(cells):
+    """The text the cells show at the end of the loop (none reversed), their line breaks drawn as arrows."""
+    glyphs = [shown(timeline, 1.0) for _, _, timeline in cells]
+    assert all(len(glyph) == 1 and glyph != visualize.MASK for glyph in glyphs), glyphs
+    return ''.join(glyphs).replace(visualize.NEWLINE, '\n')
+
+
+def call_svg(argv, path, monkeypatch, capsys):
+    code, out, err = call_main(visualize, [*argv, '--device', 'cpu', '--svg', path], monkeypatch, capsys)
+    assert code == 0, err
+    assert re.fullmatch(rf'wrote {re.escape(str(path))} \(\d+ KB, [\w +]+ frames\)\n', out), out
+    return svg_columns(path)
+
+
+def test_svg_is_an_animation(trained, tmp_path, monkeypatch, capsys):
+    """--svg --compare writes one SVG file (and no temp file beside it) whose cells loop from the start
+    to the finished texts: the GPT's from nothing, left to right, one character per pass; the diffusion
+    model's from masks (but its given start token), everywhere at once in fewer passes, on the same clock."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    columns = call_svg(['--compare', '--steps', 4], tmp_path / 'a.svg', monkeypatch, capsys)
+    assert os.listdir(tmp_path) == ['a.svg']
+    gpt_cells, diffusion_cells = columns['GPT'], columns['diffusion']
+    assert len(gpt_cells) == len(diffusion_cells) == 32
+    assert [shown(timeline, 0) for _, _, timeline in gpt_cells] == [''] * 32
+    assert [shown(timeline, 0) for _, _, timeline in diffusion_cells] == [visualize.NEWLINE] + [visualize.MASK] * 31
+    # the moment each cell first shows a character (a mask is none)
+    first = {name: [min(t for t, glyph in timeline if glyph not in ('', visualize.MASK)) for _, _, timeline in cells]
+             for name, cells in columns.items()}
+    assert first['GPT'] == sorted(set(first['GPT']))  # one new character per pass, left to right
+    last = {name: max(timeline[-1][0] for _, _, timeline in cells) for name, cells in columns.items()}
+    assert last['diffusion'] < first['GPT'][10] < last['GPT']  # 5 passes against 32
+
+
+@pytest.mark.parametrize('argv', [['--compare', '--seed', 7], ['--compare', '--prompt', 'the dog', '--temperature', 0.8],
+                                  ['--infill', 'the cat ___ on a ___.\n___ ran', '--seed', 3]], ids=['compare', 'prompt', 'infill'])
+def test_svg_ends_in_the_scripts_own_text(argv, trained, tmp_path, monkeypatch, capsys):
+    """At the end of its loop the SVG shows exactly the text that diffusion.py (and gpt.py, with --compare)
+    prints for the same flags, read back from the cells; the cells read in order, row by row, and a
+    line break ends its row."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    columns = call_svg([*argv, '--steps', 4], tmp_path / 'a.svg', monkeypatch, capsys)
+    flags = [a for a in argv if a != '--compare'] + ['--device', 'cpu']
+    printed = {'diffusion': call_main(diffusion, [*flags, '--steps', 4], monkeypatch, capsys)[1][:-1]}
+    if '--compare' in argv:
+        printed['GPT'] = call_main(gpt, flags, monkeypatch, capsys)[1][:-1]
+    assert {name: final_text(cells) for name, cells in columns.items()} == printed
+    for name, cells in columns.items():
+        assert cells == sorted(cells, key=lambda cell: (cell[1], cell[0])), name
+        for (_, y, _), c, (_, y_next, _) in zip(cells, printed[name], cells[1:]):
+            assert (y_next > y) == (c == '\n'), name  # no line wider than the limit here
+
+
+def test_svg_is_reproducible(trained, tmp_path, monkeypatch, capsys):
+    """The same flags give the same bytes (a committed picture can be made again); another seed, another
+    file. A write cut short leaves the file that was there, and no temp file."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    files = {}
+    for name, seed in (('a', 1), ('b', 1), ('c', 2)):
+        call_svg(['--compare', '--steps', 4, '--seed', seed], tmp_path / f'{name}.svg', monkeypatch, capsys)
+        files[name] = (tmp_path / f'{name}.svg').read_bytes()
+    assert files['a'] == files['b'] != files['c']
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(visualize.os, 'replace', interrupted)
+    code, _, err = call_main(visualize, ['--compare', '--steps', 4, '--seed', 3, '--svg', tmp_path / 'a.svg'], monkeypatch, capsys)
+    assert code == 0 and 'Traceback' not in err, err
+    assert sorted(os.listdir(tmp_path)) == ['a.svg', 'b.svg', 'c.svg'] and (tmp_path / 'a.svg').read_bytes() == files['a']
+
+
+def test_svg_of_a_uniform_graph_model(trained, tmp_path, monkeypatch, capsys):
+    """A uniform-graph model, whose positions start as random characters and change again and again:
+    every cell still ends on the character diffusion.py prints."""
+    workdir, _ = trained
+    ckpt = tmp_path / 'uniform.pt'
+    diffusion.train(make_args(diffusion, workdir / 'data', ckpt, '--graph', 'uniform', '--max-iters', 5, '--eval-interval', 5))
+    monkeypatch.chdir(workdir)
+    columns = call_svg(['--diffusion-ckpt', ckpt, '--steps', 8, '--seed', 5], tmp_path / 'u.svg', monkeypatch, capsys)
+    code, out, err = call_main(diffusion, ['--ckpt', ckpt, '--steps', 8, '--seed', 5, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0, err
+    assert final_text(columns['diffusion']) == out[:-1]
+    # some position shows two characters or more on its way (never so on the absorbing graph)
+    characters = [{glyph.strip('[]') for _, glyph in timeline} - {visualize.MASK} for _, _, timeline in columns['diffusion']]
+    assert max(map(len, characters)) >= 2
+
+
+@pytest.mark.parametrize('argv,needles', [
+    (['--svg', 'a.svg', '--benchmark'], ['--svg', '--benchmark']),
+    (['--svg', 'missing/a.svg'], ['--svg missing/a.svg', 'no folder missing']),
+    (['--svg', '.'], ['--svg . is a folder']),
+    (['--frame-ms', 40], ['--frame-ms', '--svg FILE']),
+    (['--svg', 'a.svg', '--frame-ms', 0], ['--frame-ms must be at least 1']),
+], ids=['with-benchmark', 'no-folder', 'a-folder', 'frame-ms-alone', 'frame-ms-0'])
+def test_svg_bad_arguments_give_one_line(argv, needles, tmp_path, monkeypatch, capsys):
+    """Each is refused in one line before any checkpoint is read (the one named here does not exist)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call_main(visualize, [*argv, '--diffusion-ckpt', 'none.pt', '--gpt-ckpt', 'none.pt'], monkeypatch, capsys)
+    assert_one_error_line(code, err, *needles)
+    assert os.listdir(tmp_path) == []

@@ -1,16 +1,23 @@
 """
-Watch the models write, in the terminal.
+Watch the models write: in the terminal, or as an animated SVG file for a web page.
 
-    python visualize.py                    the diffusion model turning blanks into text, one frame per step
-    python visualize.py --compare          the GPT (left to right) beside the diffusion model (everywhere at once)
-    python visualize.py --prompt TEXT      either view, continuing a text
-    python visualize.py --infill TEMPLATE  the diffusion model filling in the holes (_) of a template
-    python visualize.py --benchmark        quality against speed: diffusion at 16 to 256 steps, and the GPT
+    python visualize.py                     the diffusion model turning blanks into text
+    python visualize.py --compare           the GPT (left to right) beside the diffusion model
+    python visualize.py --prompt TEXT       either view, continuing a text
+    python visualize.py --infill TEMPLATE   the diffusion model filling in a template's holes (_)
+    python visualize.py --svg FILE          any view above, written to FILE as a looping animation
+    python visualize.py --benchmark         sample quality against speed, both models
 
 Each sampler runs once while every step it takes is recorded with the real time it took; the
 recording is then played back at that speed, plus --delay per frame so that fast machines can be
 watched. With --compare both recordings play at once, so the columns race on the clock of their
 sampling. When stdout is not a terminal, only the final texts and their timings are printed.
+
+With --svg nothing is played: the frames go to one SVG file (SMIL animation, no script, so GitHub
+shows it in a README), one frame per step of either sampler at --frame-ms each, the finished
+text held a few seconds, then again from the start. Its clock counts steps, not measured time,
+so the same weights and flags give the same file, byte for byte; docs/compare.svg is
+`python visualize.py --compare --svg docs/compare.svg`.
 """
 import argparse
 import math
@@ -20,57 +27,68 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from xml.sax.saxutils import escape
 
-if __name__ == '__main__':  # Ctrl-C stops quietly from the start, while torch loads too
-    signal.signal(signal.SIGINT, lambda *_: os._exit(0))  # at once: an exception raised inside an import may be swallowed
+# Ctrl-C stops quietly from the start, while torch loads too; at once, with os._exit, as an
+# exception raised inside an import may be swallowed
+if __name__ == '__main__':
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
 
 import torch
 
 import diffusion
 import gpt
-from diffusion import die, measure
+import plumbing
+from plumbing import die, measure
 
 BLANK = '_'  # the mask token of the absorbing diffusion: a position not yet decided
 SEPARATOR = ' │ '
-RESET, BOLD, DIM, CHANGED = '\x1b[0m', '\x1b[1m', '\x1b[2m', '\x1b[1;7m'  # reversed: readable on any theme
+# a changed character is reversed: readable on any theme
+RESET, BOLD, DIM, CHANGED = '\x1b[0m', '\x1b[1m', '\x1b[2m', '\x1b[1;7m'
 HIDE_CURSOR, SHOW_CURSOR = '\x1b[?25l', '\x1b[?25h'
 
 @dataclass
 class Recording:
     name: str
     vocab: str
-    frames: list  # the token ids of the sample after each forward pass
+    frames: list  # the token ids of the sample after each step of the sampler
     stamps: list  # seconds of sampling up to each frame
     sample: list  # the token ids of the finished sample
     passes: int  # forward passes of the model
     flops: float  # about 2 x parameters x characters fed to it (see measure)
     seconds: float  # wall time of the whole sampling run
+    start: list = field(default_factory=list)  # the token ids before the first pass (prompt, masks)
 
     def text(self):
         return ''.join(self.vocab[t] for t in self.sample)
 
     def summary(self):
-        return f'{self.name} ({self.passes} forward passes, about {self.flops / 1e9:.3g} GFLOPs, {self.seconds:.2f} s)'
+        return (f'{self.name} ({self.passes} forward passes, about {self.flops / 1e9:.3g} GFLOPs, '
+                f'{self.seconds:.2f} s)')
 
-def record(name, vocab, model, sample, seed):
+def record(name, vocab, model, sample, seed, start=()):
     """Run sample(callback) once, keeping every frame it reports and when it reported it."""
     frames, stamps = [], []
 
     def callback(step, x):
-        frames.append(x[0].tolist())  # .tolist() waits for the device, so the stamp is honest on a GPU too
+        # .tolist() waits for the device, so the stamp is honest on a GPU too
+        frames.append(x[0].tolist())
         stamps.append(time.perf_counter() - t0)
-    torch.manual_seed(seed)  # the same sample as `python diffusion.py --seed` (or gpt.py) with the same flags
+    # the same sample as `python diffusion.py --seed` (or gpt.py) with the same flags
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     x, passes, flops, seconds = measure(model, lambda: sample(callback))
-    if not frames:  # a prompt as long as the text leaves the GPT nothing to do: show it as one frame
+    if not frames:  # a prompt as long as the text leaves the GPT nothing to do: one frame shows it
         frames, stamps = [x[0].tolist()], [seconds]
-    return Recording(name, vocab, frames, stamps, x[0].tolist(), passes, flops, seconds)
+    return Recording(name, vocab, frames, stamps, x[0].tolist(), passes, flops, seconds,
+                     list(start))
 
 def load(module, path, args):
     model, ckpt = module.load_checkpoint(path)
     if args.length and args.length > model.config.block_size:
-        die(f'--length {args.length} is longer than the context of {path} ({model.config.block_size} characters)')
+        die(f'--length {args.length} is longer than the context of {path} '
+            f'({model.config.block_size} characters)')
     model = model.to(args.device).eval()
     # the first forward passes on a device pay one-off set-up costs; keep them out of the timings
     module.generate(model, 1, 1, device=args.device)
@@ -97,14 +115,18 @@ def render(rec, k, width, length, color):
             cells.append(CHANGED + glyphs[frame[i]] + RESET)
         else:
             cells.append(glyphs[frame[i]])
-    header = f'{rec.name}  step {k + 1}/{len(rec.frames)}  {rec.stamps[k]:.2f} s'[:width].ljust(width)
+    header = f'{rec.name}  step {k + 1}/{len(rec.frames)}  {rec.stamps[k]:.2f} s'
+    header = header[:width].ljust(width)
     rows = [cells[i:i + width] for i in range(0, length, width)]
-    return [BOLD + header + RESET if color else header] + [''.join(row) + ' ' * (width - len(row)) for row in rows]
+    return ([BOLD + header + RESET if color else header]
+            + [''.join(row) + ' ' * (width - len(row)) for row in rows])
 
 def play(recordings, delay, color):
-    """Redraw the columns in place, each frame at the moment its sampler produced it (plus the delays)."""
+    """Redraw the columns in place, each frame at the moment its sampler produced it (plus the
+    delays)."""
     length = max(len(rec.sample) for rec in recordings)
-    columns = shutil.get_terminal_size().columns - 1  # a line that fills the last column would wrap in some terminals
+    # a line that fills the last column would wrap in some terminals
+    columns = shutil.get_terminal_size().columns - 1
     side_by_side = len(recordings) == 2 and columns >= 79
     width = (columns - len(SEPARATOR)) // 2 if side_by_side else columns
     events = sorted((stamp + (k + 1) * delay, i, k)  # (when to show it, column, frame)
@@ -127,14 +149,216 @@ def play(recordings, delay, color):
         height = len(lines)
 
 # -----------------------------------------------------------------------------
+# animated SVG (--svg): the same frames, written to one file that loops in a browser
+
+# The clock of the picture is one frame per step of either sampler at a fixed pace, not the
+# measured one, so that the same weights and flags always give the same bytes.
+FRAME_MS = 40  # default of --frame-ms
+LEAD_MS = 600  # the start, before the first pass, is held this long...
+HOLD_MS = 3000  # ...and the finished texts this long, before the loop begins again
+FLASH_MS = 120  # a character that has just changed is drawn reversed this long, as in the terminal
+WRAP = 64  # a line of the finished text longer than this wraps before a word, as a reader would
+FONT_PX, CELL_W, CELL_H = 13, 8, 17  # a cell a little wider than a monospace glyph (0.6 em)
+MARGIN, GAP = 16, 3  # pixels around the picture; cells between the two columns
+MONOSPACE = ("ui-monospace,SFMono-Regular,Menlo,Consolas,'DejaVu Sans Mono','Liberation Mono',"
+             "monospace")
+# GitHub's dark palette on a dark box of its own: readable on a light page and on a dark one
+STYLE = ('.bg{fill:#0d1117;stroke:#30363d}.t{fill:#c9d1d9}.d{fill:#484f58}.h{fill:#8b949e}'
+         '.name{fill:#e6edf3;font-weight:bold}.r{fill:#e3b341}.n{fill:#0d1117}'
+         '.line{stroke:#30363d}')
+NEWLINE = '↵'  # a line break, drawn where it stands: at the end of its line, or mid-line
+MASK = '·'  # a position not yet decided: a dot keeps the words apart better than the terminal's _
+IDS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+
+def layout(text, width):
+    """(row, column) of each character of the finished text: its own line breaks, and a line longer
+    than width wrapped before the word that would cross it. A line break ends the line it is on."""
+    places, row, col = [], 0, 0
+    for i, c in enumerate(text):
+        if c == '\n':
+            places.append((row, col))
+            row, col = row + 1, 0
+            continue
+        if c == ' ':
+            wrap = col > width  # one space may hang past the edge, where the line breaks anyway
+        elif i == 0 or text[i - 1] in ' \n':  # the start of a word: it moves to the next line whole
+            word = re.match(r'[^ \n]*', text[i:]).group()
+            wrap = col > 0 and col + len(word) > width
+        else:
+            wrap = col >= width  # a word longer than a line is cut
+        if wrap:
+            row, col = row + 1, 0
+        places.append((row, col))
+        col += 1
+    return places
+
+class Glyphs:
+    """The drawn characters, each defined once in <defs> and shown in the cells by reference."""
+
+    def __init__(self):
+        self.ids = {}  # (class, character) -> id, in order of first use: the same file every time
+
+    def __call__(self, style, char=''):
+        if (style, char) not in self.ids:
+            n, name = len(self.ids), ''
+            while True:  # a, ..., Z, ba, bb, ...: short names, as every change repeats one
+                n, digit = divmod(n, len(IDS))
+                name = IDS[digit] + name
+                if not n:
+                    break
+            self.ids[style, char] = name
+        return self.ids[style, char]
+
+    def defs(self):
+        lines = []
+        for (style, char), name in self.ids.items():
+            if style == 'empty':
+                lines.append(f'<g id="{name}"/>')
+            elif style == 'flash':  # reverse video: a block of the accent colour behind it
+                lines.append(f'<g id="{name}"><rect class="r" x="{-CELL_W / 2:g}" y="{4 - CELL_H}" '
+                             f'width="{CELL_W}" height="{CELL_H}"/>'
+                             f'<text class="n">{escape(char)}</text></g>')
+            else:
+                lines.append(f'<text id="{name}" class="{style}">{escape(char)}</text>')
+        return '\n'.join(lines)
+
+def cell(x, y, timeline, period, frame_ms):
+    """One cell: a <use> of the glyph it shows and, if that changes, one discrete SMIL animation
+    over the loop listing every (moment in ms, glyph id). Its plain reference is the last glyph, so
+    that a viewer that does not animate shows the finished text."""
+    changes = [(t, glyph) for j, (t, glyph) in enumerate(timeline)
+               if not j or glyph != timeline[j - 1][1]]
+    place = f'x="{x:g}" y="{y:g}"'
+    if len(changes) == 1:
+        return f'<use xlink:href="#{changes[0][1]}" {place}/>'
+    # every moment is a whole number of frames: this many decimals keep them apart and in order
+    digits = len(str(period // frame_ms)) + 1
+    times = ';'.join(f'{t / period:.{digits}f}'.rstrip('0').rstrip('.') for t, _ in changes)
+    values = ';'.join(f'#{glyph}' for _, glyph in changes)
+    return (f'<use xlink:href="#{changes[-1][1]}" {place}><animate attributeName="xlink:href" '
+            f'values="{values}" keyTimes="{times}" dur="{period}ms" calcMode="discrete" '
+            f'repeatCount="indefinite"/></use>')
+
+def animation(recordings, args):
+    """The whole animation as the text of one self-contained SVG file: no script, font or link."""
+    frame_ms = args.frame_ms
+    lead = -(-LEAD_MS // frame_ms) * frame_ms  # whole frames: every moment lies on the frame grid
+    flash = max(1, round(FLASH_MS / frame_ms)) * frame_ms
+    passes = max(len(rec.frames) for rec in recordings)
+    period = lead + passes * frame_ms + -(-HOLD_MS // frame_ms) * frame_ms
+    glyphs = Glyphs()
+
+    def when(k):  # the moment frame k is shown; frame -1 is the start, before the first pass
+        return lead + k * frame_ms if k >= 0 else 0
+
+    def look(rec, token, changed):
+        """The glyph of a token: a dim dot for the mask, a dim arrow for a line break, the
+        character reversed when it has just changed, and nothing where the GPT has not got to."""
+        if token is None:
+            return glyphs('empty')
+        if token == len(rec.vocab):
+            return glyphs('d', MASK)
+        char = NEWLINE if rec.vocab[token] == '\n' else visible(rec.vocab[token])
+        return glyphs('flash' if changed else 'd' if char == NEWLINE else 't', char)
+
+    columns, left = [], MARGIN
+    for rec in recordings:
+        places = layout(rec.text(), WRAP)
+        holes = 'every hole' if args.infill is not None else 'all positions'
+        title = (f' · {args.steps} steps, {holes} at once' if rec.name == 'diffusion' else
+                 ' · left to right, one character per pass')
+        counter = [f'step {k:>{len(str(len(rec.frames)))}}/{len(rec.frames)}'
+                   for k in range(len(rec.frames) + 1)]
+        # as wide as the longest line, and at least as the header
+        width = max(max((col + 1 for _, col in places), default=1),
+                    len(rec.name + title) + len(counter[0]) + 2)
+        columns.append((rec, places, title, counter, width, left))
+        left += (width + GAP) * CELL_W
+    rows = max(row + 1 for column in columns for row, _ in column[1] or [(0, 0)])
+    width_px = left - GAP * CELL_W + MARGIN
+    baseline = MARGIN + FONT_PX  # of the header; the text starts a blank line below
+    footer = baseline + (rows + 3) * CELL_H  # a blank line below the text
+    height_px = footer + MARGIN
+    body = [f'<rect class="bg" x="0.5" y="0.5" width="{width_px - 1}" height="{height_px - 1}" '
+            'rx="6"/>']
+    for n, (rec, places, title, counter, width, x0) in enumerate(columns):
+        if n:  # a rule between the columns
+            x = x0 - GAP * CELL_W / 2
+            body.append(f'<line class="line" x1="{x:g}" y1="{MARGIN}" x2="{x:g}" '
+                        f'y2="{height_px - MARGIN}"/>')
+        body.append(f'<g id="{escape(rec.name)}">')
+        body.append(f'<text class="h" x="{x0}" y="{baseline}" text-anchor="start">'
+                    f'<tspan class="name">{escape(rec.name)}</tspan>{escape(title)}</text>')
+        # the step counter, right-aligned: each of its characters is a cell changing with the frames
+        for j in range(len(counter[0])):
+            timeline = [(when(k - 1), glyphs('h', text[j]) if text[j] != ' ' else glyphs('empty'))
+                        for k, text in enumerate(counter)]
+            x = x0 + (width - len(counter[0]) + j + 0.5) * CELL_W
+            body.append(cell(x, baseline, timeline, period, frame_ms))
+        body.append('<g class="text">')  # one cell per character of the text, in its order
+        frames = [rec.start] + rec.frames
+        for i, (row, col) in enumerate(places):
+            # the frames where this position changes: k = -1 is the start, before the first pass
+            changes = []
+            for k, frame in enumerate(frames, start=-1):
+                token = frame[i] if i < len(frame) else None
+                if not changes or token != changes[-1][1]:
+                    changes.append((k, token))
+            timeline = []
+            for j, (k, token) in enumerate(changes):
+                until = when(changes[j + 1][0]) if j + 1 < len(changes) else period
+                if k >= 0 and token not in (None, len(rec.vocab)):  # new: reversed for a moment
+                    timeline.append((when(k), look(rec, token, changed=True)))
+                    if when(k) + flash < until:
+                        timeline.append((when(k) + flash, look(rec, token, changed=False)))
+                else:
+                    timeline.append((when(k), look(rec, token, changed=False)))
+            x, y = x0 + (col + 0.5) * CELL_W, baseline + (row + 2) * CELL_H
+            body.append(cell(x, y, timeline, period, frame_ms))
+        body.append('</g></g>')
+    clock = 'for both models' if len(recordings) > 1 else 'of the model'
+    body.append(f'<text class="h" x="{MARGIN}" y="{footer}" text-anchor="start">'
+                f'one frame per step {clock}, {frame_ms} ms each</text>')
+    names = ' beside '.join(rec.name for rec in recordings)
+    return '\n'.join([
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+        f'width="{width_px:g}" height="{height_px:g}" viewBox="0 0 {width_px:g} {height_px:g}" '
+        f'font-family="{MONOSPACE}" font-size="{FONT_PX}" text-anchor="middle" role="img">',
+        f'<title>{escape(names)} writing, one frame per step ({frame_ms} ms each)</title>',
+        f'<style>{STYLE}</style>',
+        '<defs>', glyphs.defs(), '</defs>',
+        *body,
+        '</svg>', ''])
+
+def write_svg(path, recordings, args):
+    """Write the animation to path through a temp file beside it, so that an interrupted run never
+    leaves half a file, and say so in one line."""
+    data = animation(recordings, args).encode()
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        die(f'could not write --svg {path} ({e.strerror}); give a path in a folder you can write')
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    frames = ' + '.join(f'{len(rec.frames)} {rec.name}' for rec in recordings)
+    print(f'wrote {path} ({len(data) / 1000:.0f} KB, {frames} frames)')
+
+# -----------------------------------------------------------------------------
 # benchmark
 
 @torch.no_grad()
 def generative_bits(judge, x):
-    """Bits/char of each sample under the GPT (generative perplexity, the SEDD paper's measure of quality)."""
-    batch = torch.cat([torch.zeros_like(x[:, :1]), x], 1)  # the GPT's start token first, as in gpt.generate
+    """Bits/char of each sample under the GPT (generative perplexity, the SEDD paper's measure of
+    quality)."""
+    # the GPT's start token first, as in gpt.generate
+    batch = torch.cat([torch.zeros_like(x[:, :1]), x], 1)
     logits = judge(batch[:, :-1])
-    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction='none').mean(1)
+    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction='none')
+    nats = nats.mean(1)
     return nats / math.log(2)
 
 def training_words(data_dir):
@@ -151,57 +375,87 @@ def real_words(texts, known):
 
 def benchmark(args, num_samples=32):
     judge, vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
-    model, diffusion_vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
+    diffusion_ckpt = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
+    model, diffusion_vocab = load(diffusion, diffusion_ckpt, args)
     if vocab != diffusion_vocab:
-        die('the GPT and the diffusion model were trained on different vocabularies; give matching --gpt-ckpt and --diffusion-ckpt')
+        die('the GPT and the diffusion model were trained on different vocabularies; '
+            'give matching --gpt-ckpt and --diffusion-ckpt')
     known = training_words(gpt.defaults['data_dir'])
     length = args.length or min(judge.config.block_size, model.config.block_size)
-    samplers = [(f'GPT, temperature {t}, key/value cache', judge, lambda n, t=t: gpt.generate(judge, n, length, t, args.device))
+    samplers = [(f'GPT, temperature {t}, key/value cache', judge,
+                 lambda n, t=t: gpt.generate(judge, n, length, t, args.device))
                 for t in (1, 0.8)]
-    _, start = diffusion.conditioning(args, vocab, length)  # as `python diffusion.py`: the GPT's start token, then masks
+    # as `python diffusion.py`: the GPT's start token, then masks
+    _, start = plumbing.given(args, vocab, length)
     skip = int(start[0] < len(vocab))  # that token is given, not sampled: it is not scored
     samplers += [(f'diffusion, {steps} steps, temperature {t}', model,
-                  lambda n, steps=steps, t=t: diffusion.generate(model, n, length, steps, t, args.device, given=start)[:, skip:])
-                 for steps, t in ((16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (128, 0.8))]
+                  lambda n, steps=steps, t=t: diffusion.generate(
+                      model, n, length, steps, t, args.device, given=start)[:, skip:])
+                 for steps, t in ((16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (1024, 1),
+                                  (128, 0.8))]
 
     def row(name, cost, x):
         bits = generative_bits(judge, x)
-        words = None if known is None else real_words([''.join(vocab[t] for t in line) for line in x.tolist()], known)
+        texts = [''.join(vocab[t] for t in line) for line in x.tolist()]
+        words = None if known is None else real_words(texts, known)
         print(f'| {name} | {cost} | {bits.mean():.3f} ± {bits.std() / math.sqrt(len(x)):.3f} | '
               f'{"-" if words is None else f"{words:.0%}"} |', flush=True)
 
-    print(f'| sampler | forward passes | GFLOPs | seconds for 1 x {length} characters | generative bits/char ({num_samples} samples) | real words |')
+    print(f'| sampler | forward passes | GFLOPs | seconds for 1 x {length} characters '
+          f'| generative bits/char ({num_samples} samples) | real words |')
     print('|---|---|---|---|---|---|')
     for name, net, sample in samplers:
         torch.manual_seed(args.seed)
         _, passes, flops, seconds = measure(net, lambda: sample(1))
         row(name, f'{passes} | {flops / 1e9:.3g} | {seconds:.2f}', sample(num_samples))
-    if known is not None:  # real text, scored the same way: about what a flawless model's samples would get
+    # real text, scored the same way: about what a flawless model's samples would get
+    if known is not None:
         val = torch.from_numpy(gpt.load_data(gpt.defaults['data_dir'])[1]['val'].astype('int64'))
-        starts = 1 + torch.nonzero(val[:-length] == 0).flatten()  # after a start token, as the samples are
-        starts = starts if len(starts) else torch.arange(len(val) - length + 1)  # (a text without one: anywhere)
+        # after a start token, as the samples are (a text without one: anywhere)
+        starts = 1 + torch.nonzero(val[:-length] == 0).flatten()
+        starts = starts if len(starts) else torch.arange(len(val) - length + 1)
         spread = starts[torch.linspace(0, len(starts) - 1, num_samples).long()]
-        row('held-out text (data/val.bin), for reference', '- | - | -', torch.stack([val[i:i + length] for i in spread]).to(args.device))
+        row('held-out text (data/val.bin), for reference', '- | - | -',
+            torch.stack([val[i:i + length] for i in spread]).to(args.device))
 
 # -----------------------------------------------------------------------------
 # command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--compare', action='store_true', help='the GPT and the diffusion model side by side')
-    p.add_argument('--benchmark', action='store_true', help='print a table of sampling time and sample quality (needs both models)')
-    p.add_argument('--steps', type=int, default=128, help='denoising steps of the diffusion model (default: 128)')
-    p.add_argument('--temperature', type=float, default=1.0, help='of both models; 1 (default) samples them exactly, lower is sharper and less varied')
-    p.add_argument('--length', type=int, help='characters, at most the context of the models (default: one context)')
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--compare', action='store_true',
+                   help='the GPT and the diffusion model side by side')
+    p.add_argument('--benchmark', action='store_true',
+                   help='print a table of sampling time and sample quality (needs both models)')
+    p.add_argument('--steps', type=int, default=128,
+                   help='denoising steps of the diffusion model (default: 128)')
+    p.add_argument('--temperature', type=float, default=1.0,
+                   help='of both models; 1 (default) samples them exactly, lower is sharper and '
+                        'less varied')
+    p.add_argument('--length', type=int,
+                   help='characters, at most the context of the models (default: one context)')
     p.add_argument('--prompt', help='text both models continue')
-    p.add_argument('--infill', metavar='TEMPLATE', help='diffusion alone: text whose --hole characters it fills in')
-    p.add_argument('--hole', default='_', help='the character that marks a hole in --infill (default: _)')
-    p.add_argument('--seed', type=int, default=1337, help='default: 1337; same seed and flags, same text as diffusion.py and gpt.py')
+    p.add_argument('--infill', metavar='TEMPLATE',
+                   help='diffusion alone: text whose --hole characters it fills in')
+    p.add_argument('--hole', default='_',
+                   help='the character that marks a hole in --infill (default: _)')
+    p.add_argument('--seed', type=int, default=1337,
+                   help='default: 1337; same seed and flags, same text as diffusion.py and gpt.py')
     p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
-    p.add_argument('--delay', type=float, default=0.02, help='seconds added after each frame, to watch it (default: 0.02)')
-    p.add_argument('--no-color', action='store_true', help='no ANSI colours (never any when stdout is not a terminal)')
-    p.add_argument('--gpt-ckpt', help=f'default: {gpt.defaults["out"]} if it exists, else {gpt.SHIPPED}')
-    p.add_argument('--diffusion-ckpt', help=f'default: {diffusion.defaults["out"]} if it exists, else {diffusion.SHIPPED}')
+    p.add_argument('--delay', type=float, default=0.02,
+                   help='seconds added after each frame, to watch it (default: 0.02)')
+    p.add_argument('--no-color', action='store_true',
+                   help='no ANSI colours (never any when stdout is not a terminal)')
+    p.add_argument('--svg', metavar='FILE',
+                   help='write the animation to FILE, a looping SVG, instead of playing it')
+    p.add_argument('--frame-ms', type=int,
+                   help=f'with --svg: milliseconds per frame, a step (default: {FRAME_MS})')
+    p.add_argument('--gpt-ckpt',
+                   help=f'default: {gpt.defaults["out"]} if it exists, else {gpt.SHIPPED}')
+    p.add_argument('--diffusion-ckpt',
+                   help=f'default: {diffusion.defaults["out"]} if it exists, '
+                        f'else {diffusion.SHIPPED}')
     args = p.parse_args(argv)
     if not (args.device == 'cpu' or args.device.startswith('cuda')):
         die(f'unknown device {args.device!r}; use cpu or cuda')
@@ -209,35 +463,65 @@ def parse_args(argv=None):
         die('--device cuda was asked for but CUDA is not available here; use --device cpu')
     if args.steps < 1:
         die('--steps must be at least 1')
-    if args.temperature <= 0:
-        die('--temperature must be above 0')
+    if not 0 < args.temperature < math.inf:
+        die(f'--temperature {args.temperature} must be above 0 and finite')
     if args.length is not None and args.length < 1:
         die('--length must be at least 1')
     if args.infill is not None and (args.compare or args.benchmark):
         die('--infill shows the diffusion model alone; leave out --compare and --benchmark')
     if (args.prompt is not None or args.temperature != 1) and args.benchmark:
-        die('--benchmark measures samples without a prompt, at its own temperatures; leave out --prompt and --temperature')
+        die('--benchmark measures samples without a prompt, at its own temperatures; '
+            'leave out --prompt and --temperature')
     if not 0 <= args.delay < math.inf:
         die('--delay must be a number of seconds, 0 or more')
+    if args.svg is not None and args.benchmark:
+        die('--svg writes the animation of a sample, --benchmark prints a table; '
+            'leave out one of them')
+    if args.frame_ms is not None and args.svg is None:
+        die('--frame-ms sets the pace of the --svg animation; give --svg FILE too')
+    if args.frame_ms is not None and args.frame_ms < 1:
+        die('--frame-ms must be at least 1')
+    args.frame_ms = args.frame_ms or FRAME_MS
+    if args.svg is not None:  # before sampling, which can take a while
+        folder = os.path.dirname(args.svg) or '.'
+        if os.path.isdir(args.svg or '.'):
+            example = os.path.join(args.svg, 'compare.svg')
+            die(f'--svg {args.svg} is a folder; give a file name, e.g. {example}')
+        if not os.path.isdir(folder):
+            die(f'--svg {args.svg}: there is no folder {folder}; create it first or give another '
+                'path')
     return args
 
 def run(args, animate):
-    samplers = []  # (name, vocabulary, model, sample(callback))
+    # (name, vocabulary, model, sample(callback), the token ids before the first pass)
+    samplers = []
     if args.compare:
-        gpt_model, gpt_vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
-        gpt_length, prompt = gpt.conditioning(args, gpt_vocab, gpt_model.config.block_size)
+        gpt_model, gpt_vocab = load(
+            gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
+        gpt_length, prompt = plumbing.prompt(args, gpt_vocab, gpt_model.config.block_size)
         samplers.append(('GPT', gpt_vocab, gpt_model,
-                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, args.temperature, args.device, cb, prompt)))
-    model, vocab = load(diffusion, args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']), args)
-    length, given = diffusion.conditioning(args, vocab, model.config.block_size)
-    samplers.append(('diffusion', vocab, model, lambda cb: diffusion.generate(model, 1, length, args.steps, args.temperature, args.device, cb, given)))
+                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, args.temperature,
+                                                 args.device, cb, prompt),
+                         prompt))
+    diffusion_ckpt = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
+    model, vocab = load(diffusion, diffusion_ckpt, args)
+    length, given = plumbing.given(args, vocab, model.config.block_size)
+    samplers.append(('diffusion', vocab, model,
+                     lambda cb: diffusion.generate(model, 1, length, args.steps, args.temperature,
+                                                   args.device, cb, given),
+                     given.tolist()))
     recordings = []
-    for name, *rest in samplers:
-        if animate:
+    for name, *rest, start in samplers:
+        if sys.stdout.isatty():
             print(f'sampling with the {name} model...\x1b[K', end='\r', flush=True)
-        recordings.append(record(name, *rest, args.seed))
+        recordings.append(record(name, *rest, args.seed, start))
+    if args.svg:
+        if sys.stdout.isatty():
+            print('\x1b[K', end='')
+        return write_svg(args.svg, recordings, args)
     if not animate:
-        return print('\n\n'.join(f'=== {rec.summary()} ===\n{rec.text()}' for rec in recordings))
+        return print('\n\n'.join(f'=== {rec.summary()} ===\n{rec.text()}'
+                                 for rec in recordings))
     sys.stdout.write(HIDE_CURSOR)
     play(recordings, args.delay, color=not args.no_color)
     print('\n'.join(rec.summary() for rec in recordings))
@@ -246,8 +530,9 @@ def main():
     args = parse_args()
     if args.benchmark:
         return benchmark(args)
-    animate = sys.stdout.isatty()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again, caught below
+    animate = sys.stdout.isatty() and not args.svg  # --svg draws into its file instead
+    # Ctrl-C raises KeyboardInterrupt again, caught below
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(args, animate)
     except KeyboardInterrupt:  # Ctrl-C ends the show early, without a traceback
