@@ -11,7 +11,6 @@ GPT of gpt.py: it estimates how much likelier the noisy text would be with one c
 """
 import plumbing  # first: from here on, Ctrl-C stops quietly, while torch loads too
 import copy
-import json
 import math
 import os
 import sys
@@ -39,13 +38,9 @@ EMA_DECAY = 0.999  # diffusion: samples come from an average of the last ~1,000 
 # data
 
 def load_data(data_dir):
-    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        die(f'no prepared data in {data_dir}/; run: python prepare.py '
-            '(or python prepare.py --input FILE)')
-    with open(os.path.join(data_dir, 'meta.json')) as f:
-        meta = json.load(f)
-    files = {s: os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')}
-    return meta['vocab'], {s: np.fromfile(path, dtype=np.uint16) for s, path in files.items()}
+    # prepare.py wrote the text as uint16 token ids, and the vocabulary that maps them to characters
+    vocab, files = plumbing.data_files(data_dir)
+    return vocab, {s: np.fromfile(path, dtype=np.uint16) for s, path in files.items()}
 
 EXTRA = 0  # diffusion: a window is its own target, no shifted copy
 

@@ -8,7 +8,6 @@ A character-level GPT: the autoregressive baseline that diffusion.py is compared
 `diff gpt.py diffusion.py` shows every change that turns this model into a diffusion model.
 """
 import plumbing  # first: from here on, Ctrl-C stops quietly, while torch loads too
-import json
 import math
 import os
 import sys
@@ -35,13 +34,9 @@ SHIPPED = f'weights/{KIND}.pt'
 # data
 
 def load_data(data_dir):
-    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        die(f'no prepared data in {data_dir}/; run: python prepare.py '
-            '(or python prepare.py --input FILE)')
-    with open(os.path.join(data_dir, 'meta.json')) as f:
-        meta = json.load(f)
-    files = {s: os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')}
-    return meta['vocab'], {s: np.fromfile(path, dtype=np.uint16) for s, path in files.items()}
+    # prepare.py wrote the text as uint16 token ids, and the vocabulary that maps them to characters
+    vocab, files = plumbing.data_files(data_dir)
+    return vocab, {s: np.fromfile(path, dtype=np.uint16) for s, path in files.items()}
 
 EXTRA = 1  # a window holds one character more than the context: the last target
 

@@ -14,6 +14,7 @@ if os.path.dirname(os.path.abspath(_main)) == os.path.dirname(os.path.abspath(__
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
@@ -186,13 +187,34 @@ def hardware(device, world=1):
     return f'{world} x {name}' if world > 1 else name
 
 
+def data_files(data_dir):
+    """The vocabulary and the paths of train.bin and val.bin that prepare.py wrote, all checked."""
+    again = 'run: python prepare.py (or python prepare.py --input FILE)'
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(meta_path):
+        die(f'no prepared data in {data_dir}/; {again}')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+        vocab, sizes = meta['vocab'], dict(train=meta['n_train'], val=meta['n_val'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        die(f'{meta_path} is damaged ({type(e).__name__}); prepare the data again: {again}')
+    files = {split: os.path.join(data_dir, f'{split}.bin') for split in sizes}
+    for split, path in files.items():
+        if not os.path.isfile(path) or os.path.getsize(path) != 2 * sizes[split]:
+            die(f'{path} is missing or does not match {meta_path}; prepare the data again: {again}')
+    return vocab, files
+
+
 def check_training(args, split, extra):
     """Settings that would fail only later, once the training has run for a while."""
     if min(len(data) for data in split.values()) < args.block_size + extra:
         die(f'--block-size {args.block_size} is longer than the validation text; '
             'use a smaller one or more text')
-    check_memory(training_bytes(args), f'--batch-size {args.batch_size} at --block-size '
-                 f'{args.block_size}', 'use a smaller --batch-size with a larger --grad-accum')
+    model = (f'training with --n-layer {args.n_layer} --n-embd {args.n_embd} --batch-size '
+             f'{args.batch_size} --block-size {args.block_size}')
+    check_memory(training_bytes(args), model,
+                 'use a smaller model, or a smaller --batch-size with a larger --grad-accum')
     check_output(args.out)
 
 
@@ -375,7 +397,9 @@ def training_bytes(args):
     # and the attention weights; doubled for the gradients and the optimizer's work
     T, C = args.block_size, args.n_embd
     per_window = args.n_layer * T * (40 * C + 2 * args.n_head * T) * 4
-    return 2 * args.batch_size * per_window
+    # and 12 C^2 weights per layer, each with its gradient, the optimizer's two moments, an average
+    weights = 12 * args.n_layer * C * C * 4 * 5
+    return 2 * args.batch_size * per_window + weights
 
 
 def check_sampling_memory(num_samples, length, config):
@@ -486,7 +510,7 @@ def parser(doc, defaults, shipped):
 
 # the float flags and their ranges: (name, low, high, low included, high included)
 FLOAT_RANGES = [('lr', 0, math.inf, False, False), ('min_lr', 0, math.inf, True, False),
-                ('temperature', 0, math.inf, False, False), ('dropout', 0, 1, True, False),
+                ('temperature', 1e-3, 1e3, True, True), ('dropout', 0, 1, True, False),
                 ('weight_decay', 0, math.inf, True, False),
                 ('grad_clip', 0, math.inf, False, False)]
 POSITIVE = ('num_samples', 'max_iters', 'batch_size', 'grad_accum', 'eval_interval', 'eval_iters',

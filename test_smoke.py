@@ -1022,7 +1022,7 @@ BAD_ARGS = {
 # every float flag must be finite and inside its range, and a few integers have a floor too
 for _module in (gpt, diffusion):
     BAD_ARGS[_module] += [['--lr', 'nan'], ['--lr', '0'], ['--lr', 'inf'], ['--min-lr', '-0.0001'], ['--min-lr', '0.5'],
-                          ['--temperature', 'nan'], ['--temperature', 'inf'], ['--dropout', '1'], ['--dropout', '-0.1'],
+                          ['--temperature', 'nan'], ['--temperature', 'inf'], ['--temperature', '1e-05'], ['--dropout', '1'], ['--dropout', '-0.1'],
                           ['--weight-decay', 'nan'], ['--weight-decay', '-1'], ['--grad-clip', '0'], ['--grad-clip', 'inf'],
                           ['--warmup-iters', '-1'], ['--seed', '-1']]
 
@@ -1091,6 +1091,7 @@ def test_bad_prompts_and_templates_give_one_line(module, argv, needles, trained,
     pytest.param(['--out', 'a-file/model.pt'], id='out-under-a-file'),
     pytest.param(['--out', 'a-folder'], id='out-a-folder'),
     pytest.param(['--batch-size', '100000000'], id='batch-beyond-memory'),
+    pytest.param(['--n-embd', '200000'], id='model-beyond-memory'),
 ])
 def test_bad_training_settings_give_one_line(module, bad, workdir, tmp_path, monkeypatch, capsys):
     """Training settings that cannot work are refused with one 'error:' line naming the flag, before the first
@@ -1100,7 +1101,7 @@ def test_bad_training_settings_give_one_line(module, bad, workdir, tmp_path, mon
     (tmp_path / 'a-folder').mkdir()
     argv = ['--train', *TINY, '--max-iters', '3', '--eval-interval', '2', '--data-dir', workdir / 'data', '--device', 'cpu', *bad]
     code, out, err = call_main(module, argv, monkeypatch, capsys)
-    assert_one_error_line(code, err, bad[0], *(['memory'] if bad[0] == '--batch-size' else []))
+    assert_one_error_line(code, err, bad[0], *(['memory'] if bad[0] in ('--batch-size', '--n-embd') else []))
     assert 'step ' not in out and sorted(os.listdir(tmp_path)) == ['a-file', 'a-folder']
     assert os.listdir(tmp_path / 'a-folder') == []
 
@@ -1359,6 +1360,31 @@ def test_training_leaves_shipped_weights_alone(module, trained, tmp_path, monkey
 
 
 @pytest.mark.parametrize('module', [gpt, diffusion])
+@pytest.mark.parametrize('damage', ['meta-not-json', 'meta-without-vocab', 'train-missing', 'val-truncated'])
+def test_damaged_data_gives_one_line(module, damage, trained, tmp_path, monkeypatch, capsys):
+    """A data/ folder that prepare.py did not leave like this (a damaged meta.json, a .bin missing or cut short) is
+    named in one line with the command that makes it again, for training and for --eval alike."""
+    workdir, _ = trained
+    data = tmp_path / 'data'
+    data.mkdir()
+    for name in ('meta.json', 'train.bin', 'val.bin'):
+        (data / name).write_bytes((workdir / 'data' / name).read_bytes())
+    if damage == 'meta-not-json':
+        (data / 'meta.json').write_text('{"vocab": "ab')
+    elif damage == 'meta-without-vocab':
+        (data / 'meta.json').write_text('{"n_train": 3, "n_val": 3}')
+    elif damage == 'train-missing':
+        (data / 'train.bin').unlink()
+    else:
+        (data / 'val.bin').write_bytes((data / 'val.bin').read_bytes()[:-2])
+    monkeypatch.chdir(tmp_path)
+    for argv in (['--train', *TINY, '--max-iters', 2], ['--eval', '--ckpt', workdir / 'out' / f'{module.KIND}.pt']):
+        code, out, err = call_main(module, [*argv, '--data-dir', data, '--device', 'cpu'], monkeypatch, capsys)
+        assert_one_error_line(code, err, 'data', 'python prepare.py')
+        assert 'step' not in out and sorted(os.listdir(tmp_path)) == ['data']
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion])
 def test_samples_beyond_memory_give_one_line(module, trained, monkeypatch, capsys):
     """Asking for more samples than memory holds: one line naming the memory needed, before anything is allocated;
     and should the allocator still fail while sampling, one line too, not its traceback."""
@@ -1474,6 +1500,10 @@ def test_benchmark_scores_samples_and_held_out_text(trained, monkeypatch, capsys
     assert passes['diffusion, 128 steps, temperature 1'] <= 32 and passes['diffusion, 1024 steps, temperature 1'] <= 32
     assert passes['diffusion, 16 steps, temperature 1'] <= 17
     held_out = rows[-1]
+    code, out, err = call_main(visualize, ['--benchmark', '--steps', 8, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0, err
+    names = [line.strip('| ').split(' | ')[0] for line in out.splitlines()[2:]]
+    assert [n for n in names if n.startswith('diffusion')] == ['diffusion, 8 steps, temperature 1']  # only those asked
     val_bpc = torch.load(workdir / 'out' / 'gpt.pt', weights_only=True)['summary']['val_bpc']
     assert abs(float(held_out[4].split(' ± ')[0]) - val_bpc) < 0.05  # random characters: log2(20) = 4.3 here, 0.3 above
     assert int(held_out[5].rstrip('%')) >= 60
@@ -1846,3 +1876,50 @@ def test_svg_bad_arguments_give_one_line(argv, needles, tmp_path, monkeypatch, c
     code, _, err = call_main(visualize, [*argv, '--diffusion-ckpt', 'none.pt', '--gpt-ckpt', 'none.pt'], monkeypatch, capsys)
     assert_one_error_line(code, err, *needles)
     assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# documentation
+
+def prose_lines(path, inline_code=False):
+    """The lines of a markdown file outside fenced code, by default with inline code removed."""
+    lines, fenced = [], False
+    for line in path.read_text(encoding='utf-8').splitlines():
+        if line.lstrip().startswith('```'):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line if inline_code else re.sub(r'`[^`]*`', '', line))
+    return lines
+
+
+def github_anchors(path):
+    """The #anchors GitHub makes of a markdown file's headings (lower case, spaces to '-', punctuation dropped)."""
+    anchors, seen = set(), {}
+    for line in prose_lines(path, inline_code=True):
+        heading = re.match(r'^#{1,6}\s+(.*?)\s*#*\s*$', line)
+        if heading:
+            slug = ''.join('-' if c == ' ' else c for c in re.sub(r'<[^>]+>', '', heading[1]).strip().lower()
+                           if c in ' -_' or c.isalnum())
+            anchors.add(slug if slug not in seen else f'{slug}-{seen[slug]}')
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_documentation_links_resolve_and_the_readme_is_short():
+    """Every relative link and #anchor in README.md and docs/*.md points at a file and heading that exist; the README
+    is at most 300 lines and shows the animation within its first 40."""
+    files = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
+    links = 0
+    for path in files:
+        for url in re.findall(r'!?\[[^\]]*\]\(([^)\s]+)\)', '\n'.join(prose_lines(path))):
+            if re.match(r'^[a-z]+:', url):
+                continue
+            target, _, anchor = url.partition('#')
+            resolved = (path.parent / target).resolve() if target else path
+            assert resolved.exists(), (path.name, url)
+            assert not anchor or anchor in github_anchors(resolved), (path.name, url)
+            links += 1
+    assert links > 20  # the checks above did run
+    readme = (REPO / 'README.md').read_text(encoding='utf-8').splitlines()
+    assert len(readme) <= 300
+    assert any('docs/compare.svg' in line and line.startswith('![') for line in readme[:40])

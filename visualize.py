@@ -391,8 +391,7 @@ def benchmark(args, num_samples=32):
     samplers += [(f'diffusion, {steps} steps, temperature {t}', model,
                   lambda n, steps=steps, t=t: diffusion.generate(
                       model, n, length, steps, t, args.device, given=start)[:, skip:])
-                 for steps, t in ((16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (1024, 1),
-                                  (128, 0.8))]
+                 for steps, t in args.benchmark_steps]
 
     def row(name, cost, x):
         bits = generative_bits(judge, x)
@@ -428,8 +427,9 @@ def parse_args(argv=None):
                    help='the GPT and the diffusion model side by side')
     p.add_argument('--benchmark', action='store_true',
                    help='print a table of sampling time and sample quality (needs both models)')
-    p.add_argument('--steps', type=int, default=128,
-                   help='denoising steps of the diffusion model (default: 128)')
+    p.add_argument('--steps', type=int,
+                   help='denoising steps of the diffusion model (default: 128); with --benchmark, '
+                        'only this many instead of the whole range')
     p.add_argument('--temperature', type=float, default=1.0,
                    help='of both models; 1 (default) samples them exactly, lower is sharper and '
                         'less varied')
@@ -461,10 +461,14 @@ def parse_args(argv=None):
         die(f'unknown device {args.device!r}; use cpu or cuda')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         die('--device cuda was asked for but CUDA is not available here; use --device cpu')
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         die('--steps must be at least 1')
-    if not 0 < args.temperature < math.inf:
-        die(f'--temperature {args.temperature} must be above 0 and finite')
+    # --benchmark: (steps, temperature) of each diffusion row
+    args.benchmark_steps = ([(args.steps, 1)] if args.steps else
+                            [(16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (1024, 1), (128, 0.8)])
+    args.steps = args.steps or 128
+    if not 1e-3 <= args.temperature <= 1e3:
+        die(f'--temperature {args.temperature}: give a number from 0.001 to 1000')
     if args.length is not None and args.length < 1:
         die('--length must be at least 1')
     if args.infill is not None and (args.compare or args.benchmark):
