@@ -209,8 +209,7 @@ def loss_fn(model, batch):
     """Diffusion-weighted score entropy in nats/char: its mean over t bounds -log p(x_0) / T (the
     NELBO), less the prior term KL(p_1|0 || p_base): 0 for absorb, < 1e-7 for uniform."""
     B, graph = batch.shape[0], model.config.graph
-    # stratified: one t in each of B equal slices of (0, 1)
-    t = (torch.arange(B, device=batch.device) + torch.rand(B, device=batch.device)) / B
+    t = (torch.arange(B) + torch.rand(B)).to(batch.device) / B  # stratified: one t per 1/B
     sigma_bar, sigma = noise(t.clamp(T_EPS, 1 - T_EPS), graph)
     x_t = perturb(batch, sigma_bar, graph, model.config.vocab_size)
     log_score = model(x_t, sigma_bar)
@@ -334,16 +333,19 @@ def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu
     sigma_bars = torch.cat([noise(ts, graph)[0], torch.zeros(1, device=device)])  # ends at 0
     for start in [*range(0, length - block, block - block // 2), max(length - block, 0)]:
         kept = x[:, start:start + block].clone()  # (B, T)
-        free, x_t, fed = kept == N, kept, None
+        free, x_t, fed = kept == N, kept, torch.full_like(kept, -1)  # fed: what the network saw
         if graph == 'uniform':  # its noise is random characters
             x_t = torch.where(free, torch.randint(N, kept.shape, device=device), kept)
+        out = torch.empty(*kept.shape, N, device=device)  # (B, T, N)
         for step in range(steps + 1):
             sigma_bar, dsigma = sigma_bars[step], sigma_bars[step] - sigma_bars[step + 1]
-            # absorb: the network ignores the noise level, so after a step that changed nothing
-            # its output is the same: skip the pass (MDLM's cached sampler)
-            if graph == 'uniform' or fed is None or not torch.equal(fed, x_t):
+            # absorb: the network ignores the noise level, so a sample that the last step left
+            # unchanged keeps its output: only the others are fed (MDLM's cached sampler)
+            todo = (fed != x_t).any(-1) | (graph == 'uniform')  # (B,)
+            if todo.any():
                 with autocast(device):
-                    out, fed = model(x_t, sigma_bar.expand(num_samples)), x_t  # (B, T, N)
+                    out[todo] = model(x_t[todo], sigma_bar.expand(int(todo.sum()))).float()
+            fed = x_t
             log_score = out / temperature  # 1 is the exact model; below, sharper, less varied
             if graph == 'absorb':  # temper p(x_0 | x_t) alone, not the rate of unmasking
                 log_score = log_score.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))

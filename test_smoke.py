@@ -539,6 +539,16 @@ def test_absorb_sampler_skips_passes_that_would_change_nothing():
         else:
             assert passes == steps + 1
         assert (x < 11).all()
+    # several samples at once: only those that the last step changed are fed again
+    model = diffusion.Transformer(tiny_config(diffusion, graph='absorb')).eval()
+    frames = []
+    x, passes, flops, _ = diffusion.measure(model, lambda: diffusion.generate(
+        model, 4, 16, steps=64, callback=lambda step, x: frames.append(x.clone())))
+    inputs = [torch.full((4, 16), 11)] + frames[:-1]
+    rows = [(a != b).any(-1) for a, b in zip(inputs, inputs[1:])]  # (4,) per step after the first
+    assert passes == 1 + sum(bool(r.any()) for r in rows)
+    fed = 4 + sum(int(r.sum()) for r in rows)  # samples fed, over all steps
+    assert fed < 4 * passes and flops == 2 * sum(p.numel() for p in model.parameters()) * 16 * fed
 
 
 def test_gpt_key_value_cache_changes_no_token(monkeypatch):
@@ -579,7 +589,8 @@ def test_measure_counts_passes_and_flops():
     torch.manual_seed(0)
     for module, sample, passes, fed in ((gpt, lambda m: gpt.generate(m, 3, 12, prompt=[1, 2]), 10, 3 + 9),
                                         (diffusion, lambda m: diffusion.generate(m, 3, 24, steps=4), 2 * 5, 2 * 5 * 16)):
-        model = module.Transformer(tiny_config(module)).eval()
+        # (the uniform graph feeds every sample at every step; the absorbing one skips some: see below)
+        model = module.Transformer(tiny_config(module, **({'graph': 'uniform'} if module is diffusion else {}))).eval()
         x, counted, flops, seconds = module.measure(model, lambda: sample(model))
         assert x.shape[0] == 3 and counted == passes and seconds > 0
         assert flops == 2 * sum(p.numel() for p in model.parameters()) * 3 * fed
