@@ -1330,8 +1330,12 @@ def test_ctrl_c_in_prepare_writes_all_or_nothing(tmp_path):
                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for_cpu(proc, delay)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0 and 'Traceback' not in err, err
+        out, err = proc.communicate(timeout=60)
+        assert 'Traceback' not in err, err
+        # exit 0; or, when Ctrl-C lands as Python shuts down after the work is done (it then gives SIGINT its
+        # default action back), ended by the signal with nothing on stderr
+        done = 'tokens ->' in out
+        assert proc.returncode == 0 or (proc.returncode == -signal.SIGINT and done and err == ''), (proc.returncode, err)
         files = sorted(os.listdir(out_dir)) if out_dir.exists() else []
         assert files in ([], ['meta.json', 'train.bin', 'val.bin']), files
         if files:
