@@ -1,7 +1,7 @@
 """
 What gpt.py and diffusion.py both need but that teaches nothing about GPTs or diffusion: checkpoint
-files, argument checks, torchrun set-up, stopping on Ctrl-C or SIGTERM, timing and FLOP counting.
-Read the two scripts first; this file is only their plumbing.
+and data files, argument and memory checks, torchrun set-up, stopping on Ctrl-C or SIGTERM, the
+evaluation loop, timing and FLOP counting. Read the two scripts first; this is their plumbing.
 """
 import os
 import signal
