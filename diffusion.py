@@ -26,9 +26,9 @@ KIND = 'diffusion'
 # hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
 defaults = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model
-    batch_size=32, max_iters=14000, lr=5e-4, min_lr=1e-4, warmup_iters=100,  # optimisation
+    batch_size=32, max_iters=14000, lr=5e-4, min_lr=1e-4, warmup_iters=100,  # diffusion: longer
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
-    eval_interval=500, eval_iters=20, seed=1337,  # bookkeeping
+    eval_interval=500, eval_iters=20, seed=1337,  # diffusion: + graph, no dropout, lower lr
     data_dir='data', out=f'out/{KIND}.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
 )
 SHIPPED = f'weights/{KIND}.pt'
@@ -344,7 +344,7 @@ def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu
             todo = (fed != x_t).any(-1) | (graph == 'uniform')  # (B,)
             if todo.any():
                 with autocast(device):
-                    out[todo] = model(x_t[todo], sigma_bar.expand(int(todo.sum()))).float()
+                    out[todo] = model(x_t[todo], sigma_bar.expand(int(todo.sum())))
             fed = x_t
             log_score = out / temperature  # 1 is the exact model; below, sharper, less varied
             if graph == 'absorb':  # temper p(x_0 | x_t) alone, not the rate of unmasking

@@ -41,20 +41,26 @@ def autocast(device):
 # checkpoint files
 
 
-def save_checkpoint(path, ckpt):
-    # temp file in the same folder, fsync, rename: an interrupted save never corrupts the old file
+def write_atomic(path, write, name=None, fix='free some space or give another path'):
+    """write(f) into a temp file in the same folder, fsync, rename: an interrupted write never
+    leaves half a file, and never corrupts the old one. A failure (a full disk, say) is one line."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
         with open(tmp, 'wb') as f:
-            torch.save(ckpt, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, say: the old file stays as it was
+    except OSError as e:
+        die(f'could not write {name or path} ({e.strerror or e}); {fix}')
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f'could not write {path} ({e.strerror or e}); free some space or give another path')
+
+
+def save_checkpoint(path, ckpt):
+    write_atomic(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path, kind, build):

@@ -334,16 +334,8 @@ def write_svg(path, recordings, args):
     """Write the animation to path through a temp file beside it, so that an interrupted run never
     leaves half a file, and say so in one line."""
     data = animation(recordings, args).encode()
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        die(f'could not write --svg {path} ({e.strerror}); give a path in a folder you can write')
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    plumbing.write_atomic(path, lambda f: f.write(data), f'--svg {path}',
+                          'give a path in a folder you can write')
     frames = ' + '.join(f'{len(rec.frames)} {rec.name}' for rec in recordings)
     print(f'wrote {path} ({len(data) / 1000:.0f} KB, {frames} frames)')
 
