@@ -1,16 +1,17 @@
 """
 A character-level Score Entropy Discrete Diffusion model (SEDD, arXiv:2310.16834) made from the
-GPT of gpt.py: it estimates how much likelier the noisy text would be with one character changed.
+GPT of gpt.py and its weights: it says how much likelier noisy text is with one character changed.
 
-    python diffusion.py --train     train on data/ (see prepare.py) and save out/diffusion.pt
+    python diffusion.py --train     start from the GPT, train on data/, save out/diffusion.pt
     python diffusion.py             sample from out/diffusion.pt, or the shipped weights
-    python diffusion.py --eval      validation NELBO (a bound on the loss) in bits per character
+    python diffusion.py --eval      validation NELBO (a bound on the NLL) in bits per character
     python diffusion.py --infill "ROMEO:____________JULIET:"   fill in the _, both sides in view
 
 `diff gpt.py diffusion.py` shows every change that turns this model into a diffusion model.
 """
 import plumbing  # first: from here on, Ctrl-C stops quietly, while torch loads too
 import copy
+import functools
 import math
 import os
 import sys
@@ -25,11 +26,11 @@ from plumbing import autocast, die, measure
 KIND = 'diffusion'
 # hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
 defaults = dict(
-    n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # model
-    batch_size=32, max_iters=14000, lr=5e-4, min_lr=1e-4, warmup_iters=100,  # diffusion: longer
+    n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # diffusion: + graph, no dropout
+    batch_size=32, max_iters=3600, lr=5e-4, min_lr=1e-4, warmup_iters=100,  # diffusion: lower lr
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
-    eval_interval=500, eval_iters=20, seed=1337,  # diffusion: + graph, no dropout, lower lr
-    data_dir='data', out=f'out/{KIND}.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
+    eval_interval=250, eval_iters=20, seed=1337,  # bookkeeping
+    data_dir='data', out=f'out/{KIND}.pt', device=plumbing.best_device(),
 )
 SHIPPED = f'weights/{KIND}.pt'
 EMA_DECAY = 0.999  # diffusion: samples come from an average of the last ~1,000 steps' weights
@@ -42,7 +43,7 @@ def load_data(data_dir):
     vocab, files = plumbing.data_files(data_dir)
     return vocab, {s: np.fromfile(path, dtype=np.uint16) for s, path in files.items()}
 
-EXTRA = 0  # diffusion: a window is its own target, no shifted copy
+EXTRA = 0  # diffusion: a window is its own target, its first character given
 
 def get_batch(data, batch_size, block_size, generator):
     ix = torch.randint(len(data) - block_size - EXTRA + 1, (batch_size,), generator=generator)
@@ -70,13 +71,16 @@ class Config:
 
 CAUSAL = False  # diffusion: every position attends to the whole sequence
 
+@functools.lru_cache(maxsize=1024)  # the same angles for every layer and pass: compute once
+def rotary_angles(start, T, hs, device, dtype):
+    freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)
+    angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * freqs
+    return angles.cos().to(dtype), angles.sin().to(dtype)  # (T, hs / 2)
+
 def rotary(q, k, start=0):
     # rotary position embeddings: rotate pairs of channels by an angle proportional to the
     # position (start, start + 1, ...), so attention sees how far apart two characters are
-    T, hs = q.shape[-2], q.shape[-1]
-    freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
-    angles = torch.arange(start, start + T, device=q.device, dtype=torch.float32)[:, None] * freqs
-    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)  # (T, hs / 2)
+    cos, sin = rotary_angles(start, q.shape[-2], q.shape[-1], q.device, q.dtype)
     def rotate(x):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -145,7 +149,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx, sigma_bar):
-        """Log concrete scores log s(x_t)_y, every position and character y: (B, T, V)."""
+        """Log concrete scores log s(x_t)_y of characters 1..T-1, every y: (B, T - 1, V)."""
         x = self.wte(idx)  # (B, T, C)
         # diffusion: the uniform graph's score depends on the noise level: the network is told it.
         # Absorb's is p(x_0 = y | x_t) / (e^sigma_bar - 1), and p(x_0 | x_t) needs no noise level.
@@ -155,9 +159,9 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         out = self.head(self.ln_f(x)).float()  # (B, T, V)
-        if self.config.graph == 'absorb':  # the exact form of its score at a mask
-            return out.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))[:, None, None]
-        return out.scatter(-1, idx[..., None], 0.0)  # at y = x_t, s = p_t(x_t) / p_t(x_t) = 1
+        if self.config.graph == 'absorb':  # the GPT's shift: position i scores character i + 1
+            return out[:, :-1].log_softmax(-1) - torch.log(torch.expm1(sigma_bar))[:, None, None]
+        return out.scatter(-1, idx[..., None], 0.0)[:, 1:]  # s = 1 at y = x_t; no shift
 
 def noise_features(sigma_bar):
     # 64 sinusoidal features of log sigma_bar, periods 0.6 to 600 (log sigma_bar: -9 to 3)
@@ -197,23 +201,25 @@ def score_entropy(log_score, sigma_bar, x_t, x0, graph):
     (>= 0, and 0 exactly when s_y = a_y) from the ratio a_y = p_t|0(y | x_0) / p_t|0(x_t | x_0)."""
     N = log_score.shape[-1]
     probs = forward_probs(x0, sigma_bar, graph, N)
-    a = probs[..., :N] / probs.gather(-1, x_t[..., None])  # (B, T, N)
+    p_x_t = probs.gather(-1, x_t[..., None])  # (B, T, 1), 0 where x_0 cannot reach x_t (absorb)
+    a = probs[..., :N] / torch.where(p_x_t > 0, p_x_t, 1.0)  # (B, T, N)
     terms = log_score.exp() - torch.where(a > 0, a * log_score, 0.0) + torch.xlogy(a, a) - a
     terms = torch.where(F.one_hot(x_t, probs.shape[-1])[..., :N] == 1, 0.0, terms)  # y != x_t
-    # absorb: only a mask jumps, to each real character at rate 1. Uniform: Q = J/N - I jumps at
-    # rate 1/N (the annotated notebook's 1/(N - 1) makes its loss N/(N-1) times the bound)
+    # the rate Q(x_t, y) of y -> x_t. Absorb: 1 into the mask, 0 into a character. Uniform: 1/N
+    # (Q = J/N - I; the annotated notebook's 1/(N - 1) makes its loss N/(N-1) times the bound)
     rate = (x_t == N).to(a) if graph == 'absorb' else 1 / N
-    return rate * terms.sum(-1)
+    return torch.where(p_x_t[..., 0] > 0, rate * terms.sum(-1), 0.0)  # there 0, as in SEDD's code
 
 def loss_fn(model, batch):
-    """Diffusion-weighted score entropy in nats/char: its mean over t bounds -log p(x_0) / T (the
-    NELBO), less the prior term KL(p_1|0 || p_base): 0 for absorb, < 1e-7 for uniform."""
+    """Diffusion-weighted score entropy in nats/char: its mean over t bounds -log p(x_1..T-1 | x_0)
+    / (T - 1) (the NELBO), less the prior term KL(p_1|0 || p_base): 0 for absorb, < 1e-7 uniform."""
     B, graph = batch.shape[0], model.config.graph
     t = (torch.arange(B) + torch.rand(B)).to(batch.device) / B  # stratified: one t per 1/B
     sigma_bar, sigma = noise(t.clamp(T_EPS, 1 - T_EPS), graph)
-    x_t = perturb(batch, sigma_bar, graph, model.config.vocab_size)
-    log_score = model(x_t, sigma_bar)
-    return (sigma[:, None] * score_entropy(log_score, sigma_bar, x_t, batch, graph)).mean()
+    x0 = batch[:, 1:]  # character 0 is given, as the GPT's first one is, and never noised
+    x_t = torch.cat([batch[:, :1], perturb(x0, sigma_bar, graph, model.config.vocab_size)], 1)
+    log_score = model(x_t, sigma_bar)  # (B, T - 1, V)
+    return (sigma[:, None] * score_entropy(log_score, sigma_bar, x_t[:, 1:], x0, graph)).mean()
 
 # -----------------------------------------------------------------------------
 # training
@@ -250,6 +256,8 @@ def train(args):
     if args.resume:
         config, ckpt = plumbing.resumable(args, vocab, load_checkpoint)
     model = Transformer(config).to(args.device)
+    if not args.resume:  # diffusion: from the GPT: the same network but for full attention and
+        model.load_state_dict(plumbing.start_weights(args.init, model, vocab))  # the mask's row
     ema = copy.deepcopy(model)  # diffusion: a running average of the weights samples better
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
                                   weight_decay=args.weight_decay)
@@ -326,17 +334,19 @@ def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu
              given=None):
     """Denoise every position at once with the Tweedie sampler; callback(step, x) sees each step.
     given: (length,) token ids to keep, and the mask id N where to generate (by default, all).
-    A longer text is made window by window, each on the last half of the one before."""
+    A longer text is made window by window, each half a context on (the last ends with the text)."""
     N, graph, block = model.config.vocab_size, model.config.graph, model.config.block_size
-    x = (torch.full((length,), N) if given is None else given).to(device).repeat(num_samples, 1)
+    x = torch.full((length,), N) if given is None else given
+    # token 0 ('\n' in Shakespeare) starts every sample
+    x = torch.cat([torch.zeros(1, dtype=torch.long), x]).to(device).repeat(num_samples, 1)
     ts = torch.linspace(1 - T_EPS, T_EPS, steps + 1, device=device)
     sigma_bars = torch.cat([noise(ts, graph)[0], torch.zeros(1, device=device)])  # ends at 0
-    for start in [*range(0, length - block, block - block // 2), max(length - block, 0)]:
+    for start in [*range(0, x.shape[1] - block, block - block // 2), max(x.shape[1] - block, 0)]:
         kept = x[:, start:start + block].clone()  # (B, T)
         free, x_t, fed = kept == N, kept, torch.full_like(kept, -1)  # fed: what the network saw
         if graph == 'uniform':  # its noise is random characters
             x_t = torch.where(free, torch.randint(N, kept.shape, device=device), kept)
-        out = torch.empty(*kept.shape, N, device=device)  # (B, T, N)
+        out = torch.empty(len(kept), kept.shape[1] - 1, N, device=device)  # (B, T - 1, N)
         for step in range(steps + 1):
             sigma_bar, dsigma = sigma_bars[step], sigma_bars[step] - sigma_bars[step + 1]
             # absorb: the network ignores the noise level, so a sample that the last step left
@@ -349,16 +359,16 @@ def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu
             log_score = out / temperature  # 1 is the exact model; below, sharper, less varied
             if graph == 'absorb':  # temper p(x_0 | x_t) alone, not the rate of unmasking
                 log_score = log_score.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))
-            probs = tweedie_probs(log_score.exp(), x_t, dsigma, graph)
+            probs = tweedie_probs(log_score.exp(), x_t[:, 1:], dsigma, graph)
             if step == steps and graph == 'absorb':
                 probs = probs[..., :N]  # no mask survives the final step
             # a draw in proportion to probs, then the given characters back (SEDD's conditioning)
-            x_t = (probs.clamp(min=0) / torch.empty_like(probs).exponential_()).argmax(-1)
-            x_t = torch.where(free, x_t, kept)
+            drawn = (probs.clamp(min=0) / torch.empty_like(probs).exponential_()).argmax(-1)
+            x_t = torch.where(free, torch.cat([kept[:, :1], drawn], 1), kept)
+            x[:, start:start + block] = x_t
             if callback:
-                callback(step, x_t)
-        x[:, start:start + block] = x_t
-    return x
+                callback(step, x[:, 1:])
+    return x[:, 1:]
 
 # -----------------------------------------------------------------------------
 # command line

@@ -8,6 +8,7 @@ A character-level GPT: the autoregressive baseline that diffusion.py is compared
 `diff gpt.py diffusion.py` shows every change that turns this model into a diffusion model.
 """
 import plumbing  # first: from here on, Ctrl-C stops quietly, while torch loads too
+import functools
 import math
 import os
 import sys
@@ -26,7 +27,7 @@ defaults = dict(
     batch_size=32, max_iters=2500, lr=1e-3, min_lr=1e-4, warmup_iters=100,  # optimisation
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
     eval_interval=250, eval_iters=20, seed=1337,  # bookkeeping
-    data_dir='data', out=f'out/{KIND}.pt', device='cuda' if torch.cuda.is_available() else 'cpu',
+    data_dir='data', out=f'out/{KIND}.pt', device=plumbing.best_device(),
 )
 SHIPPED = f'weights/{KIND}.pt'
 
@@ -65,13 +66,16 @@ class Config:
 
 CAUSAL = True  # each position attends only to itself and the positions before it
 
+@functools.lru_cache(maxsize=1024)  # the same angles for every layer and pass: compute once
+def rotary_angles(start, T, hs, device, dtype):
+    freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)
+    angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * freqs
+    return angles.cos().to(dtype), angles.sin().to(dtype)  # (T, hs / 2)
+
 def rotary(q, k, start=0):
     # rotary position embeddings: rotate pairs of channels by an angle proportional to the
     # position (start, start + 1, ...), so attention sees how far apart two characters are
-    T, hs = q.shape[-2], q.shape[-1]
-    freqs = 10000.0 ** (-torch.arange(0, hs, 2, device=q.device, dtype=torch.float32) / hs)
-    angles = torch.arange(start, start + T, device=q.device, dtype=torch.float32)[:, None] * freqs
-    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)  # (T, hs / 2)
+    cos, sin = rotary_angles(start, q.shape[-2], q.shape[-1], q.device, q.dtype)
     def rotate(x):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

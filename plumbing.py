@@ -7,6 +7,10 @@ import os
 import signal
 import sys
 
+# On a Mac's GPU (mps), an operation it lacks runs on the CPU instead of stopping the script. Read
+# once, when torch loads: so set before torch is imported, and this module is imported first.
+os.environ.setdefault('PYTORCH_ENABLE_MPS_FALLBACK', '1')
+
 # Run as a script, Ctrl-C stops quietly from the start, while torch loads too. os._exit at once:
 # an exception raised inside an import may be swallowed. Training replaces this to save first.
 _main = getattr(sys.modules['__main__'], '__file__', None) or ''
@@ -14,9 +18,12 @@ if os.path.dirname(os.path.abspath(_main)) == os.path.dirname(os.path.abspath(__
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
@@ -31,11 +38,49 @@ def die(msg):
     sys.exit(2)
 
 
+def best_device():
+    """The fastest device here: a CUDA GPU, else a Mac's GPU (mps), else the CPU."""
+    if torch.cuda.is_available():
+        return 'cuda'
+    if torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def available_devices():
+    gpus = [f'cuda:{i}' for i in range(torch.cuda.device_count())]
+    return ['cpu'] + gpus + (['mps'] if torch.backends.mps.is_available() else [])
+
+
+def check_device(device):
+    """One error line for a --device that is not one, or that this machine lacks."""
+    if not re.fullmatch(r'cpu|cuda|cuda:[0-9]+|mps', device):
+        die(f'unknown --device {device!r}; use cpu, cuda, cuda:N (GPU number N) or mps')
+    here, (kind, _, index) = available_devices(), device.partition(':')
+    named = f'cuda:{int(index or 0)}' if kind == 'cuda' else kind  # plain cuda: the first GPU
+    if named not in here:
+        what = "Apple's mps" if kind == 'mps' else f'CUDA GPU {index}' if index else 'CUDA'
+        die(f'--device {device}: {what} is not available here (available: {", ".join(here)}); '
+            f'use --device {best_device()}')
+
+
+def precision(device):
+    """bfloat16 where the hardware computes in it, else float32. Emulated, bfloat16 is several
+    times slower than float32 (seen on an AVX2-only CPU: 3.6x when sampling, 30x when training)."""
+    kind = device.split(':')[0]
+    if kind == 'cuda':  # torch.cuda.is_bf16_supported(including_emulation=False), from torch 2.3:
+        # GPUs before Ampere (compute capability 8) only emulate it; ROCm's have it
+        native = bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
+    else:  # mps: float32; its bfloat16 depends on the macOS version, and was never tried here
+        native = kind == 'cpu' and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def autocast(device):
-    # bfloat16 where the hardware has it; a CPU without it emulates it, several times slower
-    # than float32 (seen on an AVX2-only CPU: 3.6x when sampling, 30x when training)
-    native = device.startswith('cuda') or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16, enabled=native)
+    dtype = precision(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(':')[0], dtype=dtype)
 
 # -----------------------------------------------------------------------------
 # checkpoint files
@@ -59,6 +104,10 @@ def write_atomic(path, write, name=None, fix='free some space or give another pa
             os.remove(tmp)
 
 
+# 2: the absorbing network's output at position i scores character i + 1, as the GPT's does
+FORMAT = 2
+
+
 def save_checkpoint(path, ckpt):
     write_atomic(path, lambda f: torch.save(ckpt, f))
 
@@ -78,8 +127,11 @@ def load_checkpoint(path, kind, build):
         die(f'{path} is not a checkpoint of this project; train one with: {retrain}')
     if ckpt['kind'] != kind:
         die(f'{path} holds a {ckpt["kind"]} model; load it with {ckpt["kind"]}.py')
+    if isinstance(ckpt.get('config'), dict) and ckpt['config'].get('graph') == 'absorb' and (
+            ckpt.get('format', 1) < FORMAT):
+        die(f'{path} was trained by an earlier version of diffusion.py, before the GPT start; '
+            f'train again with: {retrain}')
     try:
-        fold_noise_input(ckpt)
         model = build(ckpt['config'])
         model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
     except (KeyError, TypeError, RuntimeError, AttributeError):
@@ -87,25 +139,43 @@ def load_checkpoint(path, kind, build):
     return model, ckpt
 
 
-def fold_noise_input(ckpt, t=0.5):
-    """Checkpoints written before the absorbing network lost its noise input (see Transformer in
-    diffusion.py) added noise_mlp(noise_features(sigma_bar)) to every embedding. Its exact score
-    needs no noise level, so it is fed one fixed level: added to every row of the embedding
-    table, the same vector. `python diffusion.py --ckpt OLD --export NEW` writes the new file."""
-    config, weights = ckpt['config'], ckpt['model']
-    absorb = ckpt['kind'] == 'diffusion' and config.get('graph') == 'absorb'
-    if not absorb or 'noise_mlp.0.weight' not in weights:
-        return
-    import diffusion  # only now: diffusion imports this module
-    width = config['n_embd']
-    mlp = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
-    for name in list(weights):
-        if name.startswith('noise_mlp.'):
-            mlp.state_dict()[name[len('noise_mlp.'):]].copy_(weights.pop(name))
-    with torch.no_grad():
-        sigma_bar = diffusion.noise(torch.tensor([t]), 'absorb')[0]
-        folded = mlp(diffusion.noise_features(sigma_bar))  # (1, n_embd)
-        weights['wte.weight'] = weights['wte.weight'].float() + folded
+def start_weights(path, model, vocab):
+    """diffusion.py --train: the weights to start from, --init. By default, for the absorbing graph,
+    the GPT's that `python gpt.py` samples, its embedding given a row for the mask, the mean of the
+    characters' rows; a diffusion checkpoint's of the same graph; or none: the model's own random
+    weights, the uniform graph's default. Each checked against the run's settings and text."""
+    config = model.config
+    gpt = 'out/gpt.pt' if os.path.exists('out/gpt.pt') else 'weights/gpt.pt'
+    path = path or (gpt if config.graph == 'absorb' else 'none')
+    if path == 'none':
+        print('starting from random weights')
+        return model.state_dict()
+    again = 'train the GPT on this data first (python gpt.py --train), or pass --init none'
+    if not os.path.isfile(path):
+        die(f'--init {path}: no such checkpoint; {again}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        kind, shape = ckpt['kind'], {k: ckpt['config'][k] for k in ('n_layer', 'n_head', 'n_embd')}
+    except Exception as e:
+        die(f'--init {path} is not a readable checkpoint of this project ({type(e).__name__}); '
+            f'{again}')
+    if kind == 'gpt' and config.graph != 'absorb':
+        die(f'--init {path} is a GPT, and only the absorbing graph starts from the GPT; '
+            'pass --init none, or a checkpoint of a uniform diffusion model')
+    if kind == 'diffusion' and (ckpt['config'].get('graph') != config.graph
+                                or (config.graph == 'absorb' and ckpt.get('format', 1) < FORMAT)):
+        die(f'--init {path} is a diffusion model of another graph or an earlier version; give '
+            f'one of --graph {config.graph}, or the GPT, or pass --init none')
+    if kind not in ('gpt', 'diffusion') or ckpt['vocab'] != vocab or any(
+            getattr(config, k) != v for k, v in shape.items()):
+        die(f'--init {path} was trained on another text or with another shape than this run '
+            f'(it has {", ".join(f"{k} {v}" for k, v in shape.items())}); {again}')
+    weights = {k: v.float() for k, v in ckpt['model'].items()}
+    if kind == 'gpt':
+        wte = weights['wte.weight']  # (V, C)
+        weights['wte.weight'] = torch.cat([wte, wte.mean(0, keepdim=True)])  # (V + 1, C)
+    print(f'starting from the {"GPT" if kind == "gpt" else "diffusion model"} of {path}')
+    return weights
 
 
 def describe(path, ckpt):
@@ -175,7 +245,8 @@ def saver(args, kind, config, vocab, generator, states):
             return
         summary.update(val_bpc=val_bpc, hardware=hardware(args.device, world))
         ckpt = dict(kind=kind, config=asdict(config), vocab=vocab, step=step, summary=summary,
-                    rng=dict(batches=generator.get_state(), torch=torch.get_rng_state()))
+                    rng=dict(batches=generator.get_state(), torch=torch.get_rng_state()),
+                    format=FORMAT)
         save_checkpoint(args.out, ckpt | {key: obj.state_dict() for key, obj in states.items()})
     return save
 
@@ -188,8 +259,13 @@ def update_average(ema, model, step, decay):
 
 
 def hardware(device, world=1):
-    name = (torch.cuda.get_device_name() if 'cuda' in device
-            else f'{platform.machine()} CPU, {torch.get_num_threads()} threads')
+    """What the device is, for the checkpoint's summary and the training log."""
+    if device.startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+    elif device == 'mps':
+        name = 'Apple mps GPU'
+    else:
+        name = f'{platform.machine()} CPU, {torch.get_num_threads()} threads'
     return f'{world} x {name}' if world > 1 else name
 
 
@@ -240,8 +316,10 @@ def evaluate(model, loss_fn, windows, args, name, passes=1):
     mean, spread = float(np.mean(means)), ''
     if passes > 1:
         spread = f' +- {np.std(means, ddof=1) / math.sqrt(len(means)):.4f}'
+    T = model.config.block_size
+    scored = f'; its last {T - 1} characters, given its first' if passes > 1 else ''  # diffusion
     print(f'{name}: {mean:.4f}{spread} bits/char ({len(means)} batches of {batch_size} windows '
-          f'of {model.config.block_size})')
+          f'of {T}{scored})')
     if passes > 1 and os.path.exists('weights/gpt.pt'):
         gpt = torch.load('weights/gpt.pt', map_location='cpu', weights_only=True)
         print(f'the GPT of weights/gpt.pt: {gpt["summary"]["val_bpc"]:.4f} bits/char')
@@ -249,17 +327,32 @@ def evaluate(model, loss_fn, windows, args, name, passes=1):
 
 
 def check_output(out):
-    """Fail now, not at the first save after the training has run, if --out cannot be written.
-    Nothing is created: the folder, if missing, is made at the first save."""
+    """Fail now, not at the first save after the training has run, if --out cannot be written: make
+    its folder and a file in it, as the save will, then remove both. Nothing is left behind."""
     if os.path.isdir(out):
         die(f'--out {out} is a folder; give a file name, e.g. {os.path.join(out, "model.pt")}')
     folder = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(folder):  # the nearest folder that exists
+    missing = []  # the folders to make, the innermost first
+    # a drive that is missing (Windows) is its own parent: stop there, the probe will fail
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
         folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
+    if os.path.exists(folder) and not os.path.isdir(folder):
         die(f'--out {out} cannot be written: {folder} is a file, not a folder; give another path')
-    if not os.access(folder, os.W_OK):
-        die(f'--out {out} cannot be written: no permission in {folder}; give another path')
+    if ranks()[0]:
+        return  # rank 0 alone saves; another rank's probe could remove a folder rank 0 uses
+    # a real file, not os.access: root, read-only filesystems and Windows all answer it wrongly
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(out))) as f:
+            f.write(b'probe')
+    except OSError as e:
+        where = f'{e.filename}: ' if e.filename else ''
+        die(f'--out {out} cannot be written ({where}{e.strerror or e}); give another path')
+    finally:
+        for made in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
 
 
 # -----------------------------------------------------------------------------
@@ -320,8 +413,11 @@ def finish(args, step, stopping):
 class StopRequest:
     def __init__(self):
         self.asked = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.ask)
+        # where this platform's signal module has no SIGTERM, Ctrl-C alone (nothing sends it on
+        # Windows, though Python names it there)
+        for sig in (signal.SIGINT, getattr(signal, 'SIGTERM', None)):
+            if sig is not None:
+                signal.signal(sig, self.ask)
 
     def ask(self, *_):
         self.asked = True
@@ -347,6 +443,8 @@ class Progress:
 
     def __init__(self, args, summary, tokens_per_step, lr):
         self.args, self.summary, self.tokens_per_step, self.lr = args, summary, tokens_per_step, lr
+        precision_name = str(precision(args.device)).removeprefix('torch.')
+        print(f'training on {args.device} ({hardware(args.device, ranks()[1])}, {precision_name})')
         self.t0 = time.time()
 
     def step(self, step, loss):
@@ -374,8 +472,8 @@ def measure(model, sample):
     try:
         with out_of_memory('sampling', 'ask for fewer --num-samples or a shorter --length'):
             x = sample()
-        if x.is_cuda:
-            torch.cuda.synchronize()  # the GPU runs ahead of Python: wait for it
+        if x.device.type in ('cuda', 'mps'):  # the GPU runs ahead of Python: wait for it
+            getattr(torch, x.device.type).synchronize()
     finally:
         hook.remove()
     flops = 2 * sum(p.numel() for p in model.parameters()) * sum(fed)
@@ -418,16 +516,28 @@ def check_sampling_memory(num_samples, length, config):
                  'ask for fewer --num-samples or a shorter --length')
 
 
-def check_memory(bytes_needed, what, fix):
-    """One line before a request that cannot fit in this machine's memory, instead of a traceback
-    from the allocator (or the system's out-of-memory killer) part way through."""
+def free_memory():
+    """Bytes of memory free here: Linux says in /proc/meminfo; elsewhere, where os.sysconf knows
+    (macOS), all of it, free or not; None where neither does (Windows has neither)."""
     try:
         with open('/proc/meminfo') as f:
             line = next(line for line in f if line.startswith('MemAvailable'))
-            free = int(line.split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        free = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    if bytes_needed > free:
+            return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    sysconf = getattr(os, 'sysconf', None)
+    try:
+        return sysconf('SC_PHYS_PAGES') * sysconf('SC_PAGE_SIZE') if sysconf else None
+    except (OSError, ValueError):  # a name this system does not know
+        return None
+
+
+def check_memory(bytes_needed, what, fix):
+    """One line before a request that cannot fit in this machine's memory, instead of a traceback
+    from the allocator (or the system's out-of-memory killer) part way through. Skipped where the
+    memory free cannot be known."""
+    free = free_memory()
+    if free is not None and bytes_needed > free:
         die(f'{what} would need about {bytes_needed / 1e9:,.1f} GB of memory, more than the '
             f'{free / 1e9:,.1f} GB free here; {fix}')
 
@@ -481,8 +591,8 @@ def given(args, vocab, block_size):
     if args.infill is not None:
         return len(args.infill), torch.tensor(template(args, vocab, block_size))
     length, ids = prompt(args, vocab, block_size)
-    if not ids and length > 1:  # the GPT's start token ('\n' in Shakespeare): not mid-word
-        ids = [0]
+    # by default one context, the start token and then the text
+    length = args.length or max(block_size - 1, len(ids))
     return length, torch.tensor(ids + [len(vocab)] * (length - len(ids)))
 
 
@@ -509,6 +619,10 @@ def parser(doc, defaults, shipped):
         p.add_argument('--steps', type=int, default=128, help='denoising steps')
         p.add_argument('--eval-passes', type=int, default=20,
                        help='with --eval: scores of each validation window')
+        p.add_argument('--init', metavar='CKPT',
+                       help='with --train: the weights to start from: a GPT (absorbing graph; '
+                            'default: out/gpt.pt if it exists, else weights/gpt.pt), a diffusion '
+                            'checkpoint, or none for random weights (the uniform default)')
     for k, v in defaults.items():
         p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
     return p
@@ -526,9 +640,7 @@ POSITIVE = ('num_samples', 'max_iters', 'batch_size', 'grad_accum', 'eval_interv
 def check_args(args):
     """One error line for any flag out of its range, before anything runs."""
     flag = lambda name: '--' + name.replace('_', '-')  # noqa: E731
-    if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
-        why = 'CUDA is not available here' if args.device.startswith('cuda') else 'unknown device'
-        die(f'--device {args.device}: {why}; use --device cpu')
+    check_device(args.device)
     for name in POSITIVE + ('steps', 'eval_passes'):
         if getattr(args, name, 1) < 1:
             die(f'{flag(name)} must be at least 1')

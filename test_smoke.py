@@ -6,10 +6,13 @@ temporary folder, offline, in a few minutes at most.
     python -m pytest -q test_smoke.py
 """
 import ast
+import builtins
 import contextlib
+import errno
 import json
 import math
 import os
+import platform
 import random
 import re
 import signal
@@ -18,6 +21,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,6 +40,8 @@ import visualize  # noqa: E402
 # tiny models for everything that trains; one thread, so that two processes never fight over cores
 TINY = ['--n-layer', '1', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '8', '--eval-iters', '2']
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+# where no GPT of the tiny text is at hand, the diffusion model trains from random weights
+INIT = {gpt: [], diffusion: ['--init', 'none'], 'gpt': [], 'diffusion': ['--init', 'none']}
 WORDS = 'the cat sat on a mat and dog ran to its red hat but not when sun was low'.split()
 
 
@@ -95,7 +101,10 @@ def assert_one_error_line(code, err, *needles):
 
 
 def make_args(module, data_dir, out, *extra):
-    return module.parse_args([*TINY, '--data-dir', str(data_dir), '--out', str(out), '--device', 'cpu', *map(str, extra)])
+    """Tiny settings; diffusion from random weights (--init none) unless extra says otherwise."""
+    init = ['--init', 'none'] if module is diffusion and '--init' not in extra else []
+    return module.parse_args([*TINY, '--data-dir', str(data_dir), '--out', str(out), '--device', 'cpu', *init,
+                              *map(str, extra)])
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +272,8 @@ def test_score_entropy_is_a_divergence(graph):
 # 3. sampler
 
 class Oracle(nn.Module):
-    """The exact log concrete score of a product distribution pi (L, N) under either forward process."""
+    """The exact log concrete score of a product distribution pi (L, N) of the characters after a window's first,
+    under either forward process."""
 
     def __init__(self, pi, graph):
         super().__init__()
@@ -274,7 +284,7 @@ class Oracle(nn.Module):
         if self.config.graph == 'absorb':  # s_y = pi_y / (e^sigma_bar - 1) at a mask
             return (self.pi.log()[None] - torch.log(torch.expm1(sb))).expand(x.shape[0], -1, -1).float()
         p_t = torch.exp(-sb) * self.pi[None] + -torch.expm1(-sb) / self.pi.shape[1]  # Eq. 2 per position
-        return (p_t.log() - p_t.log().gather(-1, x[..., None])).float()
+        return (p_t.log() - p_t.log().gather(-1, x[:, 1:, None])).float()
 
 
 def product_distribution(L=3, N=5, seed=0):
@@ -372,7 +382,7 @@ class JointOracle(nn.Module):
         self.one_hot = F.one_hot(self.texts, p.shape[0]).double()
 
     def forward(self, x, sigma_bar):
-        N = self.config.vocab_size
+        N, x = self.config.vocab_size, x[:, 1:]  # the window's first character is the start token
         fits = ((x[:, None] == self.texts) | (x[:, None] == N)).all(-1)  # (B, N^L): the texts that x masks
         weight = self.p * fits
         conditional = torch.einsum('bs,sly->bly', weight, self.one_hot) / weight.sum(-1)[:, None, None]
@@ -394,27 +404,31 @@ def test_given_characters_give_the_exact_conditional():
 
 
 @pytest.mark.parametrize('graph', ['uniform', 'absorb'])
-@pytest.mark.parametrize('length,starts', [(45, [0, 8, 16, 24, 29]), (20, [0, 4]), (16, [0]), (40, [0, 8, 16, 24])])
+@pytest.mark.parametrize('length,starts', [(45, [0, 8, 16, 24, 30]), (20, [0, 5]), (15, [0]), (16, [0, 1]), (40, [0, 8, 16, 24, 25])])
 def test_long_text_is_made_window_by_window(graph, length, starts):
-    """Beyond the context (16), generate makes full windows 8 characters apart, the last one ending with the text. Every
-    frame of each window holds what it shares with the window before as that one finished; the text is the windows put
-    together; the given characters are kept."""
+    """The start token then the text; beyond the context (16), generate makes full windows 8 characters apart, the
+    last one ending with the text. Every frame of each window holds what it shares with the window before as that one
+    finished, and the windows after it are still masks; the text is the windows put together; the given characters
+    are kept."""
     torch.manual_seed(0)
     model = diffusion.Transformer(tiny_config(diffusion, graph=graph)).eval()
     N, steps = 11, 3
     given = torch.full((length,), N)
     given[:5] = torch.tensor([1, 2, 3, 4, 5])
     windows = []
+    with_start = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x], 1)  # noqa: E731
 
-    def callback(step, x):
+    def callback(step, x):  # x: the whole text so far, after the start token
         if step == 0:
             windows.append([])
-        windows[-1].append(x.clone())
+        start = starts[len(windows) - 1]
+        windows[-1].append(with_start(x)[:, start:start + 16].clone())
+        assert (with_start(x)[:, start + 16:] == N).all()
     x = diffusion.generate(model, 2, length, steps, callback=callback, given=given)
     assert x.shape == (2, length) and x.max() < N and (x[:, :5] == given[:5]).all()
     assert [len(frames) for frames in windows] == [steps + 1] * len(starts)
     for k, (start, frames) in enumerate(zip(starts, windows)):
-        assert torch.equal(frames[-1], x[:, start:start + 16])
+        assert torch.equal(frames[-1], with_start(x)[:, start:start + 16])
         if k:
             shift = start - starts[k - 1]
             for frame in frames[1:]:
@@ -446,7 +460,8 @@ def test_gpt_is_causal():
 
 @pytest.mark.parametrize('graph', ['uniform', 'absorb'])
 def test_diffusion_is_bidirectional(graph):
-    """Changing the character at position j changes the diffusion model's output at every position before j."""
+    """Changing the character at position j changes the diffusion model's scores of every character up to j (output
+    i scores character i + 1)."""
     torch.manual_seed(0)
     model = diffusion.Transformer(tiny_config(diffusion, graph=graph)).eval()
     idx = torch.randint(11, (3, 16))
@@ -461,21 +476,22 @@ def test_diffusion_is_bidirectional(graph):
 
 
 def test_diffusion_output_is_a_concrete_score():
-    """uniform: log s at y = x_t is exactly 0; absorb: sum_y s_y = 1 / (e^sigma_bar - 1), and the mask is an input id."""
+    """The scores of characters 1..T-1 of a window. uniform: log s at y = x_t is exactly 0; absorb: sum_y s_y =
+    1 / (e^sigma_bar - 1), and the mask is an input id."""
     torch.manual_seed(0)
     sigma_bar = torch.tensor([0.01, 1.0, 10.0])
     model = diffusion.Transformer(tiny_config(diffusion, graph='uniform')).eval()
     idx = torch.randint(11, (3, 16))
     with torch.no_grad():
         out = model(idx, sigma_bar)
-    assert out.shape == (3, 16, 11) and out.dtype == torch.float32
-    assert (out.gather(-1, idx[..., None]) == 0).all() and (out != 0).sum() == 3 * 16 * 10
+    assert out.shape == (3, 15, 11) and out.dtype == torch.float32
+    assert (out.gather(-1, idx[:, 1:, None]) == 0).all() and (out != 0).sum() == 3 * 15 * 10
     model = diffusion.Transformer(tiny_config(diffusion, graph='absorb')).eval()
     idx[:, ::2] = 11  # masks
     with torch.no_grad():
         out = model(idx, sigma_bar)
-    assert out.shape == (3, 16, 11)
-    assert torch.allclose(out.logsumexp(-1), -torch.log(torch.expm1(sigma_bar))[:, None].expand(3, 16), atol=1e-5)
+    assert out.shape == (3, 15, 11)
+    assert torch.allclose(out.logsumexp(-1), -torch.log(torch.expm1(sigma_bar))[:, None].expand(3, 15), atol=1e-5)
 
 
 def test_absorb_network_ignores_the_noise_level():
@@ -493,31 +509,17 @@ def test_absorb_network_ignores_the_noise_level():
         assert (outs[0] - outs[1]).abs().max() > 1e-3
 
 
-def test_old_absorb_checkpoint_loads_with_its_noise_input_folded(tmp_path):
-    """A checkpoint written before the absorbing network lost its noise input still loads: the
-    noise embedding at t = 1/2, added to every embedding row, gives the old network's output at
-    that level, whatever level the new network is then given. Export writes it without one."""
-    torch.manual_seed(0)
-    config = tiny_config(diffusion, graph='absorb')
-    model = diffusion.Transformer(config).eval()
-    mlp = nn.Sequential(nn.Linear(64, 32), nn.SiLU(), nn.Linear(32, 32))
-    old = dict(model.state_dict(), **{f'noise_mlp.{k}': v for k, v in mlp.state_dict().items()})
-    torch.save(dict(kind='diffusion', config=asdict(config), vocab='abcdefghijk', model=old, step=1,
-                    summary=dict(tokens=0, seconds=0.0)), tmp_path / 'old.pt')
-    loaded, ckpt = diffusion.load_checkpoint(str(tmp_path / 'old.pt'))
-    idx = torch.randint(12, (2, 16))
-    level = diffusion.noise(torch.tensor([0.5]), 'absorb')[0]
-    with torch.no_grad():
-        x = model.wte(idx) + mlp(diffusion.noise_features(level))[:, None]  # the old forward
-        for block in model.blocks:
-            x = block(x)
-        before = model.head(model.ln_f(x)).log_softmax(-1)
-        for sigma in (0.01, 0.6931, 5.0):
-            now = loaded(idx, torch.full((2,), sigma)) + math.log(math.expm1(sigma))
-            assert torch.allclose(now, before, atol=1e-5), sigma
-        moved = mlp(diffusion.noise_features(torch.tensor([3.0])))
-        assert (moved - mlp(diffusion.noise_features(level))).abs().max() > 1e-3  # it did depend
-    assert 'noise_mlp.0.weight' not in ckpt['model']  # what --export then writes
+def test_absorb_checkpoint_of_before_the_shift_is_refused(tmp_path, monkeypatch, capsys):
+    """An absorbing checkpoint written before the GPT's shift (no 'format' 2) would load and write nonsense: it is
+    refused with one line. A uniform one of that time (the same network today) still loads."""
+    for graph in ('absorb', 'uniform'):
+        model = diffusion.Transformer(tiny_config(diffusion, graph=graph))
+        torch.save(dict(kind='diffusion', config=asdict(model.config), vocab='abcdefghijk', model=model.state_dict(),
+                        step=1, summary=dict(tokens=0, seconds=0.0)), tmp_path / f'{graph}.pt')
+    code, _, err = call_main(diffusion, ['--ckpt', tmp_path / 'absorb.pt'], monkeypatch, capsys)
+    assert_one_error_line(code, err, 'earlier version', 'python diffusion.py --train')
+    loaded, _ = diffusion.load_checkpoint(str(tmp_path / 'uniform.pt'))
+    assert loaded.config.graph == 'uniform'
 
 
 def test_absorb_sampler_skips_passes_that_would_change_nothing():
@@ -529,9 +531,9 @@ def test_absorb_sampler_skips_passes_that_would_change_nothing():
         model = diffusion.Transformer(tiny_config(diffusion, graph=graph)).eval()
         frames = []
         x, passes, _, _ = diffusion.measure(model, lambda: diffusion.generate(
-            model, 1, 16, steps=steps, callback=lambda step, x: frames.append(x.clone())))
-        # step k runs the network on what step k - 1 made; the first, on the masks
-        inputs = [torch.full((1, 16), 11)] + frames[:-1]
+            model, 1, 15, steps=steps, callback=lambda step, x: frames.append(x.clone())))
+        # step k runs the network on what step k - 1 made (after the start token); the first, on the masks
+        inputs = [torch.full((1, 15), 11)] + frames[:-1]
         changed = sum(not torch.equal(a, b) for a, b in zip(inputs, inputs[1:]))
         if graph == 'absorb':
             assert passes == 1 + changed
@@ -543,12 +545,165 @@ def test_absorb_sampler_skips_passes_that_would_change_nothing():
     model = diffusion.Transformer(tiny_config(diffusion, graph='absorb')).eval()
     frames = []
     x, passes, flops, _ = diffusion.measure(model, lambda: diffusion.generate(
-        model, 4, 16, steps=64, callback=lambda step, x: frames.append(x.clone())))
-    inputs = [torch.full((4, 16), 11)] + frames[:-1]
+        model, 4, 15, steps=64, callback=lambda step, x: frames.append(x.clone())))
+    inputs = [torch.full((4, 15), 11)] + frames[:-1]
     rows = [(a != b).any(-1) for a, b in zip(inputs, inputs[1:])]  # (4,) per step after the first
     assert passes == 1 + sum(bool(r.any()) for r in rows)
     fed = 4 + sum(int(r.sum()) for r in rows)  # samples fed, over all steps
     assert fed < 4 * passes and flops == 2 * sum(p.numel() for p in model.parameters()) * 16 * fed
+
+
+class NextPosition(nn.Module):
+    """An absorbing 'network' sure that the character after position i is (i + 1) mod N."""
+
+    def __init__(self, N=11):
+        super().__init__()
+        self.config = diffusion.Config(vocab_size=N, block_size=16, graph='absorb')
+
+    def forward(self, x, sigma_bar):
+        N = self.config.vocab_size
+        logits = 30.0 * F.one_hot(torch.arange(1, x.shape[1]) % N, N).double()  # (T - 1, N)
+        return (logits.log_softmax(-1)[None] - torch.log(torch.expm1(sigma_bar.double()))[:, None, None]).float()
+
+
+def test_output_at_position_i_scores_character_i_plus_1():
+    """Absorb keeps the GPT's shift. A network sure that the character after position i is (i + 1) mod N gives the
+    text 0, 1, 2, ... a loss of about 0, and the sampler writes exactly that text after the start token (position 0).
+    Read without the shift (position i scoring character i), the same network's loss is several nats."""
+    model = NextPosition()
+    text = (torch.arange(16) % 11).repeat(64, 1)
+    torch.manual_seed(0)
+    assert diffusion.loss_fn(model, text).item() < 1e-3
+    torch.manual_seed(0)
+    assert diffusion.loss_fn(model, (text + 1) % 11).item() > 3
+    torch.manual_seed(0)
+    assert torch.equal(diffusion.generate(model, 3, 15, steps=8), (torch.arange(1, 16) % 11).repeat(3, 1))
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_score_entropy_is_finite_at_every_state(graph):
+    """Every pair (x_t, x_0), also one the forward process cannot reach (absorb: a character other than x_0), has a
+    finite, non-negative score entropy with a finite gradient; an unreachable one scores 0, as in the SEDD code."""
+    N = 5
+    x_t, x0 = torch.cartesian_prod(torch.arange(N + (graph == 'absorb')), torch.arange(N)).T  # every pair
+    for sigma_bar in (1e-4, 0.5, 20.0):
+        log_score = torch.randn(1, len(x0), N, dtype=torch.float64, requires_grad=True)
+        loss = diffusion.score_entropy(log_score, torch.tensor([sigma_bar], dtype=torch.float64), x_t[None], x0[None], graph)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and (loss >= -1e-12).all() and torch.isfinite(log_score.grad).all()
+        if graph == 'absorb':
+            unreachable = (x_t < N) & (x_t != x0)
+            assert unreachable.sum() == N * (N - 1) and (loss[0, unreachable] == 0).all()
+
+
+@pytest.mark.parametrize('graph', ['uniform', 'absorb'])
+def test_loss_with_the_exact_score_is_the_entropy(graph, monkeypatch):
+    """Fed the exact score of a product distribution pi (3 characters after a given first one), loss_fn's mean over t
+    and x_t is the NELBO, and with the exact score it is tight: the entropy of pi in nats per character, within 4
+    standard errors (the prior term is below 1e-7). Without the weight sigma(t) the same estimate is far off."""
+    pi = product_distribution(L=3, N=5, seed=2)
+    entropy = -(pi * pi.log()).sum(-1).mean().item()
+
+    def estimate(batches=100, B=256):
+        torch.manual_seed(0)
+        model, means = Oracle(pi, graph), []
+        for _ in range(batches):
+            text = torch.multinomial(pi, B, replacement=True).T  # (B, 3)
+            means.append(diffusion.loss_fn(model, torch.cat([torch.zeros(B, 1, dtype=torch.long), text], 1)).item())
+        return np.mean(means), np.std(means, ddof=1) / math.sqrt(batches)
+    mean, se = estimate()
+    assert abs(mean - entropy) < 4 * se and se < 0.02 * entropy, (mean, se, entropy)
+    noise = diffusion.noise
+    monkeypatch.setattr(diffusion, 'noise', lambda t, graph: (noise(t, graph)[0], torch.ones_like(t)))
+    assert abs(estimate()[0] - entropy) > 4 * se  # the test above would fail
+
+
+def test_cached_sampler_draws_what_the_uncached_one_draws(monkeypatch):
+    """The absorbing sampler, which skips the network after a step that changed nothing, draws the same characters
+    from the same seed as a sampler that runs it at every step, with a network whose output depends on its input,
+    and runs it fewer times."""
+    monkeypatch.setattr(diffusion, 'autocast', lambda device: contextlib.nullcontext())
+    N, length, steps = 11, 15, 48
+    ts = torch.linspace(1 - diffusion.T_EPS, diffusion.T_EPS, steps + 1)
+    sigma_bars = torch.cat([diffusion.noise(ts, 'absorb')[0], torch.zeros(1)])
+
+    def every_step(model):
+        x_t = torch.cat([torch.zeros(1, 1, dtype=torch.long), torch.full((1, length), N)], 1)  # start token, masks
+        for step in range(steps + 1):
+            sigma_bar, dsigma = sigma_bars[step], sigma_bars[step] - sigma_bars[step + 1]
+            out = model(x_t, sigma_bar.expand(1))
+            probs = diffusion.tweedie_probs((out.log_softmax(-1) - torch.log(torch.expm1(sigma_bar))).exp(),
+                                            x_t[:, 1:], dsigma, 'absorb')
+            probs = probs[..., :N] if step == steps else probs
+            drawn = (probs.clamp(min=0) / torch.empty_like(probs).exponential_()).argmax(-1)
+            x_t = torch.where(x_t == N, torch.cat([x_t[:, :1], drawn], 1), x_t)
+        return x_t[:, 1:]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = diffusion.Transformer(tiny_config(diffusion, graph='absorb')).eval()
+        with torch.no_grad():
+            torch.manual_seed(100 + seed)
+            expected = every_step(model)
+            torch.manual_seed(100 + seed)
+            x, passes, _, _ = diffusion.measure(model, lambda: diffusion.generate(model, 1, length, steps))
+        assert torch.equal(x, expected) and (x < N).all() and passes < (steps + 1) // 2
+        assert len(set(x[0].tolist())) > 3  # a text, not one character repeated
+
+
+def test_diffusion_training_starts_as_the_gpt(trained, monkeypatch, capsys):
+    """diffusion.py --train starts from the GPT of out/gpt.pt (gpt.py's default): at its first step every weight it
+    shares with the GPT is the GPT's and the mask's embedding row is the mean of the others, so that with causal
+    attention it computes the GPT's next-character probabilities. --init none starts from random weights."""
+    workdir, logs = trained
+    assert 'starting from the GPT of out/gpt.pt' in logs['diffusion.py']
+    monkeypatch.chdir(workdir)
+    the_gpt, _ = gpt.load_checkpoint('out/gpt.pt')
+    gpt_weights = the_gpt.state_dict()
+    first = {}
+
+    def recording_loss(model, batch):  # the network of the first step, before its update
+        if not first:
+            first.update({k: v.clone() for k, v in model.state_dict().items()})
+        return loss_fn(model, batch)
+    loss_fn = diffusion.loss_fn
+    monkeypatch.setattr(diffusion, 'loss_fn', recording_loss)
+    argv = [*TINY, '--max-iters', '1', '--eval-iters', '1', '--eval-passes', '1', '--out', 'out/first.pt', '--device', 'cpu']
+    diffusion.train(diffusion.parse_args(['--train', *argv]))
+    assert 'starting from the GPT of out/gpt.pt' in capsys.readouterr().out
+    assert first.keys() == gpt_weights.keys()
+    for name, weight in first.items():
+        if name == 'wte.weight':
+            assert torch.equal(weight[:-1], gpt_weights[name]) and torch.allclose(weight[-1], gpt_weights[name].mean(0))
+        else:
+            assert torch.equal(weight, gpt_weights[name]), name
+    model = diffusion.Transformer(diffusion.Config(**dict(asdict(the_gpt.config), graph='absorb'))).eval()
+    model.load_state_dict(first)
+    idx, sigma_bar = torch.randint(the_gpt.config.vocab_size, (2, 32)), torch.tensor([0.3, 2.0])
+    monkeypatch.setattr(diffusion, 'CAUSAL', True)
+    with torch.no_grad():
+        log_p = model(idx, sigma_bar) + torch.log(torch.expm1(sigma_bar))[:, None, None]
+        assert torch.allclose(log_p, the_gpt.eval()(idx)[:, :-1].log_softmax(-1), atol=1e-5)
+    first.clear()
+    diffusion.train(diffusion.parse_args(['--train', *argv, '--init', 'none']))
+    assert 'starting from random weights' in capsys.readouterr().out
+    torch.manual_seed(1337)  # train() draws its initial weights after this seed
+    assert all(torch.equal(v, first[k]) for k, v in diffusion.Transformer(model.config).state_dict().items())
+
+
+def test_init_that_does_not_fit_gives_one_line(trained, tmp_path, monkeypatch, capsys):
+    """--init with a GPT of another shape or text, a missing file, or a GPT for the uniform graph: one line that says
+    what to do, before any training; nothing is written."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    base = ['--train', *TINY, '--max-iters', '1', '--out', tmp_path / 'd.pt', '--device', 'cpu']
+    for extra, needles in ((['--n-embd', '64'], ('another shape', 'python gpt.py --train', '--init none')),
+                           (['--init', tmp_path / 'nope.pt'], ('no such checkpoint', '--init none')),
+                           (['--init', REPO / 'weights' / 'gpt.pt'], ('another text', 'python gpt.py --train')),
+                           (['--graph', 'uniform', '--init', 'out/gpt.pt'], ('only the absorbing graph', '--init none')),
+                           (['--init', REPO / 'weights' / 'uniform.pt'], ('another graph', '--init none'))):
+        code, _, err = call_main(diffusion, [*base, *extra], monkeypatch, capsys)
+        assert_one_error_line(code, err, *needles)
+        assert not (tmp_path / 'd.pt').exists()
 
 
 def test_gpt_key_value_cache_changes_no_token(monkeypatch):
@@ -588,7 +743,7 @@ def test_measure_counts_passes_and_flops():
     FLOPs = 2 x parameters x characters fed."""
     torch.manual_seed(0)
     for module, sample, passes, fed in ((gpt, lambda m: gpt.generate(m, 3, 12, prompt=[1, 2]), 10, 3 + 9),
-                                        (diffusion, lambda m: diffusion.generate(m, 3, 24, steps=4), 2 * 5, 2 * 5 * 16)):
+                                        (diffusion, lambda m: diffusion.generate(m, 3, 23, steps=4), 2 * 5, 2 * 5 * 16)):
         # (the uniform graph feeds every sample at every step; the absorbing one skips some: see below)
         model = module.Transformer(tiny_config(module, **({'graph': 'uniform'} if module is diffusion else {}))).eval()
         x, counted, flops, seconds = module.measure(model, lambda: sample(model))
@@ -670,7 +825,7 @@ def test_checkpoint_round_trip(module, graph, tmp_path):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # not the initial weights
     path = tmp_path / 'sub' / 'ckpt.pt'
-    plumbing.save_checkpoint(str(path), dict(kind=module.KIND, config=asdict(config), vocab='abcdefghijk', model=model.state_dict(),
+    plumbing.save_checkpoint(str(path), dict(kind=module.KIND, format=plumbing.FORMAT, config=asdict(config), vocab='abcdefghijk', model=model.state_dict(),
                                            step=7, summary=dict(tokens=0, seconds=0.0)))
     assert os.listdir(path.parent) == ['ckpt.pt']
     loaded, ckpt = module.load_checkpoint(str(path))
@@ -737,15 +892,21 @@ def test_prompt_starts_every_sample(module, passes, trained, monkeypatch, capsys
     assert re.search(rf'^3 x 70 characters in [\d.]+ s, {passes} forward passes, about [\d.e+-]+ GFLOPs$', err, re.M), err
 
 
-def test_diffusion_sample_starts_at_a_line(trained, monkeypatch, capsys):
-    """Without a prompt, a diffusion sample starts with the GPT's start token (token 0, the line break here), as the
-    GPT's samples start after it: one context of text that begins at the start of a line, not in the middle of a word."""
+def test_diffusion_sample_follows_the_start_token(trained, monkeypatch, capsys):
+    """Without a prompt, a diffusion sample is one context after the GPT's start token (token 0, the line break here),
+    as the GPT's samples are: 31 characters in one window (at most steps + 1 passes), the network seeing the start
+    token first at every pass. The token itself is not printed."""
     workdir, _ = trained
     monkeypatch.chdir(workdir)
     code, out, err = call_main(diffusion, ['--num-samples', 4, '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
     assert code == 0, err
-    for text in samples_of(out, 4):
-        assert len(text) == 32 and text[0] == '\n' and text[1:].strip(), repr(text)
+    assert all(len(text) == 31 for text in samples_of(out, 4)), out
+    assert int(re.search(r'(\d+) forward passes', err).group(1)) <= 5, err
+    model, _ = diffusion.load_checkpoint('out/diffusion.pt')
+    firsts = []
+    model.register_forward_hook(lambda _, inputs, out: firsts.append(inputs[0][:, 0]))
+    diffusion.generate(model, 2, 31, steps=4)
+    assert firsts and all((first == 0).all() for first in firsts)
 
 
 @pytest.mark.parametrize('hole', ['_', '#'])
@@ -771,7 +932,7 @@ def test_visualize_prompt_and_infill(trained, monkeypatch, capsys):
     summary = r'\(\d+ forward passes, about [\d.e+-]+ GFLOPs, [\d.]+ s\)'
     m = re.fullmatch(rf'=== GPT {summary} ===\n(.*)\n\n=== diffusion {summary} ===\n(.*)\n', out, re.S)
     assert code == 0 and m, (out, err)
-    assert all(len(text) == 32 and text.startswith('the dog') for text in m.groups()), m.groups()
+    assert [len(text) for text in m.groups()] == [32, 31] and all(text.startswith('the dog') for text in m.groups())
     template = 'the cat ___ on a mat.'
     code, out, err = call_main(visualize, ['--infill', template, '--steps', 4, '--device', 'cpu'], monkeypatch, capsys)
     text = out.split('===\n', 1)[1][:-1]
@@ -1365,7 +1526,8 @@ def test_training_leaves_shipped_weights_alone(module, trained, tmp_path, monkey
     shipped.parent.mkdir()
     shipped.write_bytes((workdir / 'out' / f'{module.KIND}.pt').read_bytes())
     before, mtime = shipped.read_bytes(), shipped.stat().st_mtime_ns
-    argv = ['--train', *TINY, '--max-iters', '2', '--eval-interval', '1', '--data-dir', workdir / 'data', '--device', 'cpu']
+    argv = ['--train', *TINY, '--max-iters', '2', '--eval-interval', '1', '--data-dir', workdir / 'data', '--device', 'cpu',
+            *INIT[module]]
     code, out, err = call_main(module, argv, monkeypatch, capsys)
     assert code == 0, err
     assert shipped.read_bytes() == before and shipped.stat().st_mtime_ns == mtime
@@ -1454,7 +1616,8 @@ def test_nan_loss_stops_training_and_keeps_the_checkpoint(module, bad, workdir, 
         return loss
     monkeypatch.setattr(module, 'loss_fn', diverging)
     monkeypatch.chdir(tmp_path)
-    argv = ['--train', *TINY, '--max-iters', '10', '--eval-interval', '1', '--data-dir', workdir / 'data', '--out', out, '--device', 'cpu']
+    argv = ['--train', *TINY, '--max-iters', '10', '--eval-interval', '1', '--data-dir', workdir / 'data', '--out', out, '--device', 'cpu',
+            *INIT[module]]
     code, _, err = call_main(module, argv, monkeypatch, capsys)
     assert code == 2
     assert_one_error_line(code, err, f'loss became {bad} at step 3', '--lr')
@@ -1477,7 +1640,8 @@ def test_checkpoint_saved_mid_training_loads(module, workdir, tmp_path, monkeypa
         return real(model, batch)
     monkeypatch.setattr(module, 'loss_fn', interrupting)
     monkeypatch.chdir(tmp_path)
-    argv = ['--train', *TINY, '--max-iters', '4', '--eval-interval', '100', '--data-dir', workdir / 'data', '--out', 'm.pt', '--device', 'cpu']
+    argv = ['--train', *TINY, '--max-iters', '4', '--eval-interval', '100', '--data-dir', workdir / 'data', '--out', 'm.pt', '--device', 'cpu',
+            *INIT[module]]
     code, out, err = call_main(module, argv, monkeypatch, capsys)
     assert code == 0 and 'interrupted; saved m.pt at step 2' in out, err
     assert module.load_checkpoint('m.pt')[1]['step'] == 2
@@ -1560,7 +1724,7 @@ RESUME_ITERS = 120
 
 def train_cmd(script, out, *extra):
     return [sys.executable, str(REPO / script), '--train', *TINY, '--max-iters', str(RESUME_ITERS), '--eval-interval', '1000',
-            '--device', 'cpu', '--out', str(out), *map(str, extra)]
+            '--device', 'cpu', '--out', str(out), *INIT[script[:-3]], *map(str, extra)]
 
 
 @pytest.fixture(scope='module', params=['gpt.py', 'diffusion.py'])
@@ -1667,7 +1831,8 @@ def two_ranks(request, workdir, tmp_path_factory):
     Ctrl-C during step TWO_RANK_STOP."""
     module, d = request.param, tmp_path_factory.mktemp('ranks')
     (d / 'driver.py').write_text(RANK_DRIVER)
-    args = ['driver.py', REPO, module.KIND, TWO_RANK_STOP, '--train', *TWO_RANK_ARGS, '--data-dir', workdir / 'data', '--out', 'two.pt']
+    args = ['driver.py', REPO, module.KIND, TWO_RANK_STOP, '--train', *TWO_RANK_ARGS, *INIT[module], '--data-dir', workdir / 'data',
+            '--out', 'two.pt']
     res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *map(str, args)],
                          cwd=d, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -1693,7 +1858,7 @@ def test_two_ranks_step_together_like_one_process(two_ranks, workdir, tmp_path, 
         torch.set_rng_state(record['rng'])
         return real(model, record['batch'])
     monkeypatch.setattr(module, 'loss_fn', replaying)
-    module.train(module.parse_args([*map(str, TWO_RANK_ARGS), '--grad-accum', '2', '--data-dir', str(workdir / 'data'),
+    module.train(module.parse_args([*map(str, TWO_RANK_ARGS), *INIT[module], '--grad-accum', '2', '--data-dir', str(workdir / 'data'),
                                     '--out', str(tmp_path / 'one.pt')]))
     ckpt = torch.load(tmp_path / 'one.pt', weights_only=True)
     trained = list(ckpt.get('raw', ckpt['model']).values())  # diffusion.py's 'model' is the running average
@@ -1806,15 +1971,15 @@ def call_svg(argv, path, monkeypatch, capsys):
 def test_svg_is_an_animation(trained, tmp_path, monkeypatch, capsys):
     """--svg --compare writes one SVG file (and no temp file beside it) whose cells loop from the start
     to the finished texts: the GPT's from nothing, left to right, one character per pass; the diffusion
-    model's from masks (but its given start token), everywhere at once in fewer passes, on the same clock."""
+    model's from masks (after its start token, not shown), everywhere at once in fewer passes, on the same clock."""
     workdir, _ = trained
     monkeypatch.chdir(workdir)
     columns = call_svg(['--compare', '--steps', 4], tmp_path / 'a.svg', monkeypatch, capsys)
     assert os.listdir(tmp_path) == ['a.svg']
     gpt_cells, diffusion_cells = columns['GPT'], columns['diffusion']
-    assert len(gpt_cells) == len(diffusion_cells) == 32
+    assert len(gpt_cells) == 32 and len(diffusion_cells) == 31  # one context after the start token
     assert [shown(timeline, 0) for _, _, timeline in gpt_cells] == [''] * 32
-    assert [shown(timeline, 0) for _, _, timeline in diffusion_cells] == [visualize.NEWLINE] + [visualize.MASK] * 31
+    assert [shown(timeline, 0) for _, _, timeline in diffusion_cells] == [visualize.MASK] * 31
     # the moment each cell first shows a character (a mask is none)
     first = {name: [min(t for t, glyph in timeline if glyph not in ('', visualize.MASK)) for _, _, timeline in cells]
              for name, cells in columns.items()}
@@ -1938,3 +2103,265 @@ def test_documentation_links_resolve_and_the_readme_is_short():
     readme = (REPO / 'README.md').read_text(encoding='utf-8').splitlines()
     assert len(readme) <= 300
     assert any('docs/compare.svg' in line and line.startswith('![') for line in readme[:40])
+
+
+# -----------------------------------------------------------------------------
+# 8. where learners are: --device cpu, cuda, cuda:N and mps, the precision on each, and platforms
+# without /proc/meminfo, os.sysconf or SIGTERM (Windows). GPUs and other platforms are stood in for
+# by monkeypatching what torch and os report.
+
+TINY_CPU = [*TINY, '--device', 'cpu']
+SIGTERM = signal.SIGTERM  # kept: some tests take signal.SIGTERM away
+
+
+@pytest.fixture(autouse=True)
+def keep_sigterm():
+    # StopRequest installs its own handler; give pytest its own back afterwards
+    handler = signal.getsignal(SIGTERM)
+    yield
+    signal.signal(SIGTERM, handler)
+
+
+def one_error_line(code, err, *needles):
+    """A failure the user can act on: exit 2, a single 'error: ...' line, no traceback."""
+    assert code == 2, err
+    assert 'Traceback' not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    for needle in needles:
+        assert needle in lines[0], (needle, err)
+    return lines[0]
+
+
+def check_device(device, capsys):
+    """(exit code, stderr) of diffusion.py's own argument check of --device."""
+    p = plumbing.parser(diffusion.__doc__, diffusion.defaults, diffusion.SHIPPED)
+    capsys.readouterr()
+    try:
+        plumbing.check_args(p.parse_args(['--device', device]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def no_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+
+
+# -----------------------------------------------------------------------------
+# devices
+
+
+def test_best_device_is_the_fastest_here(monkeypatch):
+    """The default --device: cpu on this machine, mps on a Mac, cuda wherever CUDA is."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip('a GPU is available here')
+    assert plumbing.best_device() == 'cpu'
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)
+    assert plumbing.best_device() == 'mps'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert plumbing.best_device() == 'cuda'
+
+
+@pytest.mark.parametrize('device', ['mps', 'cuda', 'cuda:7'])
+def test_missing_device_names_what_is_here(device, monkeypatch, capsys):
+    """A device this machine lacks: one line naming it, what is available, and what to use."""
+    no_gpus(monkeypatch)
+    line = one_error_line(*check_device(device, capsys), f'--device {device}:',
+                          'not available here (available: cpu)', 'use --device cpu')
+    assert ("Apple's mps" if device == 'mps' else 'CUDA') in line
+
+
+def test_cuda_gpu_number_is_checked(monkeypatch, capsys):
+    """On a machine with two GPUs (as torch reports it), cuda:0, cuda:1 and cuda pass, cuda:7 is
+    one line listing the two; mps passes on a Mac."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    for device in ('cpu', 'cuda', 'cuda:0', 'cuda:1'):
+        assert check_device(device, capsys) == (0, '')
+    one_error_line(*check_device('cuda:7', capsys), 'CUDA GPU 7',
+                   '(available: cpu, cuda:0, cuda:1)', 'use --device cuda')
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)
+    assert check_device('mps', capsys) == (0, '')
+
+
+@pytest.mark.parametrize('device', ['tpu', 'cuda:x', 'CPU', 'cuda:'])
+def test_unknown_device_lists_the_accepted_forms(device, capsys):
+    one_error_line(*check_device(device, capsys), repr(device), 'cpu, cuda, cuda:N', 'mps')
+
+
+def test_missing_device_from_the_command_line(tmp_path):
+    """python diffusion.py --device mps, as a user runs it: one line, a non-zero exit, no traceback
+    (checked before any weights are read: the folder has none)."""
+    if torch.backends.mps.is_available():
+        pytest.skip('mps is available here')
+    res = subprocess.run([sys.executable, str(REPO / 'diffusion.py'), '--device', 'mps'],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and res.stdout == ''
+    one_error_line(res.returncode, res.stderr, '--device mps', "Apple's mps", 'available: cpu')
+
+
+def test_mps_fallback_is_set_before_torch_loads(tmp_path):
+    """torch reads PYTORCH_ENABLE_MPS_FALLBACK once, as it loads: importing plumbing sets it to 1
+    before torch is first imported, and leaves a value the user gave alone."""
+    probe = ("import builtins, os\n"
+             "real, seen = builtins.__import__, []\n"
+             "def spy(name, *args, **kwargs):\n"
+             "    if name.split('.')[0] == 'torch' and not seen:\n"
+             "        seen.append(os.environ.get('PYTORCH_ENABLE_MPS_FALLBACK'))\n"
+             "    return real(name, *args, **kwargs)\n"
+             "builtins.__import__ = spy\n"
+             "import plumbing\n"
+             "print(seen)\n")
+    for given, expected in ((None, "['1']"), ('0', "['0']")):
+        env = {k: v for k, v in ENV.items() if k != 'PYTORCH_ENABLE_MPS_FALLBACK'}
+        env |= {'PYTORCH_ENABLE_MPS_FALLBACK': given} if given else {}
+        res = subprocess.run([sys.executable, '-c', probe], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and res.stdout.strip() == expected, res.stderr
+
+
+# -----------------------------------------------------------------------------
+# precision
+
+
+def test_precision_is_native_or_float32(monkeypatch):
+    """bfloat16 only where the hardware computes in it: a CPU with native bfloat16 (as oneDNN
+    reports it), a CUDA GPU from Ampere on (compute capability 8); float32 on older GPUs, on mps,
+    and on a CPU that would only emulate it."""
+    monkeypatch.setattr(torch.version, 'hip', None)
+    for native in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: native)
+        assert plumbing.precision('cpu') == (torch.bfloat16 if native else torch.float32)
+        assert plumbing.precision('mps') == torch.float32
+    for major, dtype in ((7, torch.float32), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, 'get_device_properties',
+                            lambda device: SimpleNamespace(major=major))
+        assert plumbing.precision('cuda') == plumbing.precision('cuda:1') == dtype
+
+
+def test_autocast_computes_in_the_chosen_precision(monkeypatch):
+    """On a CPU a matrix product inside autocast is in bfloat16 only where it is native."""
+    a = torch.randn(8, 8)
+    for native in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: native)
+        with plumbing.autocast('cpu'):
+            assert (a @ a).dtype == (torch.bfloat16 if native else torch.float32)
+    with plumbing.autocast('mps'):  # float32: nothing to turn on, so no mps needed here
+        assert (a @ a).dtype == torch.float32
+
+
+def test_training_log_names_the_device(monkeypatch, capsys):
+    """The first line of the training log: the device, what it is, and the precision."""
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    args = SimpleNamespace(device='cpu', max_iters=10)
+    capsys.readouterr()
+    plumbing.Progress(args, dict(tokens=0, seconds=0.0), 256, lambda step, args: 1e-3)
+    threads = torch.get_num_threads()
+    assert capsys.readouterr().out == (
+        f'training on cpu ({platform.machine()} CPU, {threads} threads, float32)\n')
+    assert plumbing.hardware('mps') == 'Apple mps GPU'
+    assert plumbing.hardware('mps', 2) == '2 x Apple mps GPU'
+
+
+# -----------------------------------------------------------------------------
+# platforms without /proc/meminfo, os.sysconf or SIGTERM (Windows)
+
+
+# the shipped weights, named: out/ may hold a run in progress. The absorbing graph's shipped
+# weights (weights/diffusion.pt) are refused as an earlier version while diffusion.py changes
+SAMPLE = {'gpt': ['--ckpt', gpt.SHIPPED],
+          'diffusion': ['--ckpt', 'weights/uniform.pt', '--steps', 4]}
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion], ids=['gpt', 'diffusion'])
+def test_memory_check_is_skipped_where_free_memory_is_unknown(module, monkeypatch, capsys):
+    """Without /proc/meminfo and os.sysconf (Windows), check_memory lets everything through instead
+    of crashing, and sampling from the shipped weights runs and prints its 20 characters."""
+    with pytest.raises(SystemExit):  # here, where the memory free is known, it refuses
+        plumbing.check_memory(10 ** 18, 'a test', 'ask for less')
+    real_open = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == '/proc/meminfo':
+            raise FileNotFoundError(errno.ENOENT, 'No such file or directory', path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, 'open', no_meminfo)
+    monkeypatch.delattr(os, 'sysconf')
+    assert plumbing.free_memory() is None
+    plumbing.check_memory(10 ** 18, 'a test', 'ask for less')  # neither dies nor raises
+
+    monkeypatch.chdir(REPO)
+    argv = [*SAMPLE[module.KIND], '--length', 20, '--device', 'cpu']
+    code, out, err = call_main(module, argv, monkeypatch, capsys)
+    assert code == 0, err
+    assert len(out) == 21 and out.endswith('\n'), out  # the text, then print's newline
+    assert 'error' not in err and '1 x 20 characters' in err, err
+
+
+def test_stop_request_without_sigterm(monkeypatch):
+    """Where signal.SIGTERM does not exist, StopRequest still catches Ctrl-C, and the step after it
+    agrees to stop; SIGTERM's handler is left as it was."""
+    before = signal.getsignal(SIGTERM)
+    monkeypatch.delattr(signal, 'SIGTERM')
+    stop = plumbing.StopRequest()
+    assert signal.getsignal(signal.SIGINT) == stop.ask
+    assert signal.getsignal(SIGTERM) == before
+    assert stop.agree(torch.tensor(2.0), 1, 'cpu') == (2.0, False)
+    signal.raise_signal(signal.SIGINT)
+    assert stop.asked
+    assert stop.agree(torch.tensor(2.0), 2, 'cpu') == (2.0, True)
+
+
+# -----------------------------------------------------------------------------
+# --out, checked for real before the first step
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch, capsys):
+    """tmp_path holding a small text prepared into data/ by prepare.py, as the working folder."""
+    rng, words, text = random.Random(0), 'the cat sat on a mat and dog ran'.split(), ''
+    while len(text) < 4000:
+        text += ' '.join(rng.choice(words) for _ in range(rng.randint(3, 9))) + '.\n'
+    (tmp_path / 'corpus.txt').write_text(text)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call_main(prepare, ['--input', 'corpus.txt'], monkeypatch, capsys)
+    assert code == 0, err
+    return tmp_path
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion], ids=['gpt', 'diffusion'])
+@pytest.mark.parametrize('case', ['under-proc', 'makedirs-fails', 'disk-full'])
+def test_out_that_cannot_be_written_is_refused_before_training(
+        module, case, data, monkeypatch, capsys):
+    """An --out whose folder cannot be made (under /proc, where os.access tells root yes; or
+    makedirs failing), or in which no file can be written (a full disk): one line naming --out
+    before the first step, and nothing left behind, not even the folders made to find out."""
+    out, reason = {'under-proc': ('/proc/nope/model.pt', 'No such file'),
+                   'makedirs-fails': ('new/model.pt', 'Permission denied'),
+                   'disk-full': ('new/deeper/model.pt', 'No space left')}[case]
+    if case == 'makedirs-fails':
+        def fail(path, *args, **kwargs):
+            raise PermissionError(errno.EACCES, 'Permission denied', path)
+        monkeypatch.setattr(os, 'makedirs', fail)
+    if case == 'disk-full':
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        monkeypatch.setattr(plumbing.tempfile, 'NamedTemporaryFile', full)
+    argv = ['--train', *TINY_CPU, '--max-iters', '3', '--eval-interval', '2', '--out', out]
+    code, stdout, err = call_main(module, argv, monkeypatch, capsys)
+    one_error_line(code, err, f'--out {out} cannot be written', reason)
+    assert 'step ' not in stdout and 'training on' not in stdout, stdout
+    assert sorted(os.listdir(data)) == ['corpus.txt', 'data']
+    assert not os.path.exists('/proc/nope')
+
+
+def test_out_that_can_be_written_is_left_to_the_first_save(tmp_path):
+    """A writable --out in folders that do not exist yet passes, and the check leaves nothing: the
+    folders are made at the first save."""
+    plumbing.check_output(str(tmp_path / 'a' / 'b' / 'model.pt'))
+    assert os.listdir(tmp_path) == []

@@ -30,16 +30,11 @@ import time
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-# Ctrl-C stops quietly from the start, while torch loads too; at once, with os._exit, as an
-# exception raised inside an import may be swallowed
-if __name__ == '__main__':
-    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
-
+import plumbing  # first: from here on, Ctrl-C stops quietly, while torch loads too
 import torch
 
 import diffusion
 import gpt
-import plumbing
 from plumbing import die, measure
 
 BLANK = '_'  # the mask token of the absorbing diffusion: a position not yet decided
@@ -373,16 +368,14 @@ def benchmark(args, num_samples=32):
         die('the GPT and the diffusion model were trained on different vocabularies; '
             'give matching --gpt-ckpt and --diffusion-ckpt')
     known = training_words(gpt.defaults['data_dir'])
-    length = args.length or min(judge.config.block_size, model.config.block_size)
+    # one context of the diffusion model after the start token, as `python diffusion.py` writes
+    length = args.length or min(judge.config.block_size, model.config.block_size) - 1
     samplers = [(f'GPT, temperature {t}, key/value cache', judge,
                  lambda n, t=t: gpt.generate(judge, n, length, t, args.device))
                 for t in (1, 0.8)]
-    # as `python diffusion.py`: the GPT's start token, then masks
-    _, start = plumbing.given(args, vocab, length)
-    skip = int(start[0] < len(vocab))  # that token is given, not sampled: it is not scored
     samplers += [(f'diffusion, {steps} steps, temperature {t}', model,
                   lambda n, steps=steps, t=t: diffusion.generate(
-                      model, n, length, steps, t, args.device, given=start)[:, skip:])
+                      model, n, length, steps, t, args.device))
                  for steps, t in args.benchmark_steps]
 
     def row(name, cost, x):
@@ -434,7 +427,8 @@ def parse_args(argv=None):
                    help='the character that marks a hole in --infill (default: _)')
     p.add_argument('--seed', type=int, default=1337,
                    help='default: 1337; same seed and flags, same text as diffusion.py and gpt.py')
-    p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
+    p.add_argument('--device', default=plumbing.best_device(),
+                   help=f'cpu, cuda, cuda:N or mps (default: {plumbing.best_device()})')
     p.add_argument('--delay', type=float, default=0.02,
                    help='seconds added after each frame, to watch it (default: 0.02)')
     p.add_argument('--no-color', action='store_true',
@@ -449,10 +443,7 @@ def parse_args(argv=None):
                    help=f'default: {diffusion.defaults["out"]} if it exists, '
                         f'else {diffusion.SHIPPED}')
     args = p.parse_args(argv)
-    if not (args.device == 'cpu' or args.device.startswith('cuda')):
-        die(f'unknown device {args.device!r}; use cpu or cuda')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        die('--device cuda was asked for but CUDA is not available here; use --device cpu')
+    plumbing.check_device(args.device)
     if args.steps is not None and args.steps < 1:
         die('--steps must be at least 1')
     # --benchmark: (steps, temperature) of each diffusion row
