@@ -2272,10 +2272,9 @@ def test_training_log_names_the_device(monkeypatch, capsys):
 # platforms without /proc/meminfo, os.sysconf or SIGTERM (Windows)
 
 
-# the shipped weights, named: out/ may hold a run in progress. The absorbing graph's shipped
-# weights (weights/diffusion.pt) are refused as an earlier version while diffusion.py changes
+# the shipped weights, named: out/ may hold a run in progress
 SAMPLE = {'gpt': ['--ckpt', gpt.SHIPPED],
-          'diffusion': ['--ckpt', 'weights/uniform.pt', '--steps', 4]}
+          'diffusion': ['--ckpt', diffusion.SHIPPED, '--steps', 4]}
 
 
 @pytest.mark.parametrize('module', [gpt, diffusion], ids=['gpt', 'diffusion'])
