@@ -26,7 +26,7 @@ from plumbing import autocast, die, measure
 KIND = 'diffusion'
 # hyperparameters; every one can be overridden on the command line, e.g. --max-iters 500
 defaults = dict(
-    n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # diffusion: + graph, no dropout
+    n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0, graph='absorb',  # diffusion
     batch_size=32, max_iters=3600, lr=5e-4, min_lr=1e-4, warmup_iters=100,  # diffusion: lower lr
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
     eval_interval=250, eval_iters=20, seed=1337,  # bookkeeping

@@ -331,7 +331,7 @@ def check_output(out):
     its folder and a file in it, as the save will, then remove both. Nothing is left behind."""
     if os.path.isdir(out):
         die(f'--out {out} is a folder; give a file name, e.g. {os.path.join(out, "model.pt")}')
-    folder = os.path.dirname(os.path.abspath(out))
+    folder = target = os.path.dirname(os.path.abspath(out))
     missing = []  # the folders to make, the innermost first
     # a drive that is missing (Windows) is its own parent: stop there, the probe will fail
     while not os.path.exists(folder) and os.path.dirname(folder) != folder:
@@ -343,8 +343,8 @@ def check_output(out):
         return  # rank 0 alone saves; another rank's probe could remove a folder rank 0 uses
     # a real file, not os.access: root, read-only filesystems and Windows all answer it wrongly
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(out))) as f:
+        os.makedirs(target, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target) as f:
             f.write(b'probe')
     except OSError as e:
         where = f'{e.filename}: ' if e.filename else ''
