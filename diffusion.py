@@ -31,6 +31,7 @@ defaults = dict(
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
     eval_interval=250, eval_iters=20, seed=1337,  # bookkeeping
     data_dir='data', out=f'out/{KIND}.pt', device=plumbing.best_device(),
+    temperature=1.0, order='confidence', confidence_noise=2.0,  # diffusion: sampling, see generate
 )
 SHIPPED = f'weights/{KIND}.pt'
 EMA_DECAY = 0.999  # diffusion: samples come from an average of the last ~1,000 steps' weights
@@ -329,18 +330,41 @@ def tweedie_probs(score, x, dsigma, graph):
     transition = -torch.expm1(-dsigma) / N + (-dsigma).exp() * F.one_hot(x, N)
     return staggered * transition
 
+def reveal(logits, x, left, order, confidence_noise):
+    """Reveal the masks of x (B, T) in an order, all but `left` (B,) of them: each is drawn from
+    p(x_0 | x_t) = softmax(logits), and 'confidence' reveals the likeliest draws first (plus
+    confidence_noise x Gumbel noise: 0 is greedy, large a random order), 'left-to-right' the
+    leftmost. Masks revealed in one step are drawn independently, blind to each other: the fewer
+    per step, the closer to the model's joint distribution."""
+    N, masked = logits.shape[-1], x == logits.shape[-1]
+    log_p = logits.log_softmax(-1)  # (B, T, N)
+    drawn = (log_p.exp() / torch.empty_like(log_p).exponential_()).argmax(-1)  # (B, T)
+    if order == 'confidence':
+        gumbel = -torch.empty_like(x, dtype=log_p.dtype).exponential_().log()
+        priority = log_p.gather(-1, drawn[..., None])[..., 0] + confidence_noise * gumbel
+    else:  # left to right
+        priority = -torch.arange(x.shape[1], device=x.device).to(log_p).expand(x.shape)
+    rank = priority.masked_fill(~masked, -math.inf).argsort(-1, descending=True).argsort(-1)
+    revealed = rank < (masked.sum(-1) - left)[:, None]  # (B, T): masked and first in the order
+    return torch.where(revealed, drawn, x)
+
 @torch.no_grad()
 def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu', callback=None,
-             given=None):
+             given=None, order='random', confidence_noise=0.0):
     """Denoise every position at once with the Tweedie sampler; callback(step, x) sees each step.
     given: (length,) token ids to keep, and the mask id N where to generate (by default, all).
-    A longer text is made window by window, each half a context on (the last ends with the text)."""
+    A longer text is made window by window, each half a context on (the last ends with the text).
+    order (absorbing graph): which masks a step reveals. 'random': each with the Tweedie step's
+    probability. 'confidence' and 'left-to-right': as many as the schedule expects, see reveal."""
     N, graph, block = model.config.vocab_size, model.config.graph, model.config.block_size
+    if graph == 'uniform' and order != 'random':
+        raise ValueError('the uniform graph has no masks to order: use order="random"')
     x = torch.full((length,), N) if given is None else given
     # token 0 ('\n' in Shakespeare) starts every sample
     x = torch.cat([torch.zeros(1, dtype=torch.long), x]).to(device).repeat(num_samples, 1)
     ts = torch.linspace(1 - T_EPS, T_EPS, steps + 1, device=device)
     sigma_bars = torch.cat([noise(ts, graph)[0], torch.zeros(1, device=device)])  # ends at 0
+    masked_after = torch.cat([ts[1:] / ts[0], torch.zeros(1, device=device)])  # share of masks
     for start in [*range(0, x.shape[1] - block, block - block // 2), max(x.shape[1] - block, 0)]:
         kept = x[:, start:start + block].clone()  # (B, T)
         free, x_t, fed = kept == N, kept, torch.full_like(kept, -1)  # fed: what the network saw
@@ -364,6 +388,9 @@ def generate(model, num_samples, length, steps=128, temperature=1.0, device='cpu
                 probs = probs[..., :N]  # no mask survives the final step
             # a draw in proportion to probs, then the given characters back (SEDD's conditioning)
             drawn = (probs.clamp(min=0) / torch.empty_like(probs).exponential_()).argmax(-1)
+            if order != 'random':  # the schedule's count of masks left, the rest revealed in order
+                left = (free[:, 1:].sum(-1) * masked_after[step]).round()  # (B,)
+                drawn = reveal(out / temperature, x_t[:, 1:], left, order, confidence_noise)
             x_t = torch.where(free, torch.cat([kept[:, :1], drawn], 1), kept)
             x[:, start:start + block] = x_t
             if callback:
@@ -389,10 +416,12 @@ def main():
     if args.eval:
         return evaluate(model, args)
     length, given = plumbing.given(args, ckpt['vocab'], model.config.block_size)  # diffusion: masks
+    order = plumbing.sampling_order(args, model.config.graph, defaults['order'])  # diffusion
     plumbing.check_sampling_memory(args.num_samples, length, model.config)
     torch.manual_seed(args.seed)
     x, passes, flops, seconds = measure(model, lambda: generate(
-        model, args.num_samples, length, args.steps, args.temperature, args.device, given=given))
+        model, args.num_samples, length, args.steps, args.temperature, args.device, given=given,
+        order=order, confidence_noise=args.confidence_noise))
     for i, row in enumerate(x.tolist()):
         print(('' if i == 0 else '\n' + '-' * 40 + '\n') + ''.join(ckpt['vocab'][t] for t in row))
     print(f'{args.num_samples} x {length} characters in {seconds:.2f} s, {passes} forward passes, '

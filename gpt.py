@@ -28,6 +28,7 @@ defaults = dict(
     weight_decay=0.1, grad_clip=1.0, grad_accum=1,  # grad_accum: batches per step and process
     eval_interval=250, eval_iters=20, seed=1337,  # bookkeeping
     data_dir='data', out=f'out/{KIND}.pt', device=plumbing.best_device(),
+    temperature=0.8,  # sampling: 1 draws from the model exactly, below sharper and less varied
 )
 SHIPPED = f'weights/{KIND}.pt'
 

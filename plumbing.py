@@ -611,7 +611,6 @@ def parser(doc, defaults, shipped):
     p.add_argument('--length', type=int, help='characters per sample (default: one context); '
                                               'longer texts are made window by window')
     p.add_argument('--prompt', help='text every sample starts with')
-    p.add_argument('--temperature', type=float, default=1.0)
     if 'graph' in defaults:  # diffusion.py's own: infilling, denoising steps, repeated evaluation
         p.add_argument('--infill', metavar='TEMPLATE',
                        help='text to complete: --hole characters are generated, the others kept')
@@ -624,15 +623,32 @@ def parser(doc, defaults, shipped):
                             'default: out/gpt.pt if it exists, else weights/gpt.pt), a diffusion '
                             'checkpoint, or none for random weights (the uniform default)')
     for k, v in defaults.items():
-        p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v, help=f'default: {v}')
+        if k == 'order':  # diffusion.py: the absorbing graph's; the uniform graph has no masks
+            p.add_argument('--order', help=f'which masks a step reveals: {", ".join(ORDERS)} '
+                                           f'(default: {v}; the uniform graph: random)')
+        else:
+            p.add_argument('--' + k.replace('_', '-'), type=type(v), default=v,
+                           help=f'default: {v}')
     return p
+
+
+ORDERS = ('random', 'confidence', 'left-to-right')
+
+
+def sampling_order(args, graph, default):
+    """diffusion.py: --order, else its default; a uniform-graph sampler has no masks to order."""
+    if graph == 'uniform' and args.order not in (None, 'random'):
+        die(f'--order {args.order} orders the masks of the absorbing graph; a uniform-graph model '
+            'has none: leave out --order, or give --order random')
+    return 'random' if graph == 'uniform' else args.order or default
 
 
 # the float flags and their ranges: (name, low, high, low included, high included)
 FLOAT_RANGES = [('lr', 0, math.inf, False, False), ('min_lr', 0, math.inf, True, False),
                 ('temperature', 1e-3, 1e3, True, True), ('dropout', 0, 1, True, False),
                 ('weight_decay', 0, math.inf, True, False),
-                ('grad_clip', 0, math.inf, False, False)]
+                ('grad_clip', 0, math.inf, False, False),
+                ('confidence_noise', 0, math.inf, True, False)]
 POSITIVE = ('num_samples', 'max_iters', 'batch_size', 'grad_accum', 'eval_interval', 'eval_iters',
             'n_layer', 'n_head', 'n_embd', 'block_size')
 
@@ -650,7 +666,13 @@ def check_args(args):
         die(f'--warmup-iters {args.warmup_iters} must be 0 or more')
     if not 0 <= args.seed < 2 ** 63:
         die(f'--seed {args.seed} must be from 0 to 2**63 - 1')
+    if getattr(args, 'order', None) not in (None, *ORDERS):
+        die(f'unknown --order {args.order!r}; use {", ".join(ORDERS)}')
+    if getattr(args, 'order', None):
+        sampling_order(args, args.graph, None)  # --graph uniform has no masks to order
     for name, low, high, with_low, with_high in FLOAT_RANGES:
+        if not hasattr(args, name):  # a flag of the other script
+            continue
         value = getattr(args, name)
         above = low <= value if with_low else low < value
         inside = above and (value <= high if with_high else value < high)

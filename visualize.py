@@ -37,6 +37,7 @@ import diffusion
 import gpt
 from plumbing import die, measure
 
+ORDER, NOISE = diffusion.defaults['order'], diffusion.defaults['confidence_noise']
 BLANK = '_'  # the mask token of the absorbing diffusion: a position not yet decided
 SEPARATOR = ' │ '
 # a changed character is reversed: readable on any theme
@@ -360,6 +361,13 @@ def real_words(texts, known):
     words = [w for text in texts for w in re.findall(r"[A-Za-z']+", text)]
     return sum(w in known for w in words) / max(1, len(words))
 
+def distinct_4grams(texts):
+    """Distinct character 4-grams / all 4-grams of the texts as printed, separator lines included:
+    below real text's, repetitive; above it, more random than real text."""
+    printed = ('\n' + '-' * 40 + '\n').join(texts)
+    grams = [printed[i:i + 4] for i in range(len(printed) - 3)]
+    return len(set(grams)) / max(1, len(grams))
+
 def benchmark(args, num_samples=32):
     judge, vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
     diffusion_ckpt = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
@@ -370,24 +378,37 @@ def benchmark(args, num_samples=32):
     known = training_words(gpt.defaults['data_dir'])
     # one context of the diffusion model after the start token, as `python diffusion.py` writes
     length = args.length or min(judge.config.block_size, model.config.block_size) - 1
-    samplers = [(f'GPT, temperature {t}, key/value cache', judge,
+    gpt_t = gpt.defaults['temperature']
+    samplers = [(f'GPT, temperature {t}{" (default)" * (t == gpt_t)}, key/value cache', judge,
                  lambda n, t=t: gpt.generate(judge, n, length, t, args.device))
-                for t in (1, 0.8)]
-    samplers += [(f'diffusion, {steps} steps, temperature {t}', model,
-                  lambda n, steps=steps, t=t: diffusion.generate(
-                      model, n, length, steps, t, args.device))
-                 for steps, t in args.benchmark_steps]
+                for t in sorted({gpt_t, 1}, reverse=True)]
+
+    def diffusion_row(steps, t, order='random', noise=0.0, note=''):
+        name = f'diffusion, {steps} steps, temperature {t}, {order} order'
+        name += f', confidence noise {noise}' if order == 'confidence' else ''
+        return (name + note, model, lambda n: diffusion.generate(
+            model, n, length, steps, t, args.device, order=order, confidence_noise=noise))
+    # the exact model: random order, temperature 1
+    t, order, noise = (diffusion.defaults[k] for k in ('temperature', 'order', 'confidence_noise'))
+    samplers += [diffusion_row(s, 1, note=' (the exact model)') for s in args.benchmark_steps]
+    steps = args.steps
+    if model.config.graph == 'absorb':  # each order at the defaults, then confidence noise
+        orders = [('random', 0.0)] * (t != 1) + [('left-to-right', 0.0)] + [
+            ('confidence', tau) for tau in sorted({0.0, 1.0, 3.0, 10.0, noise})]
+        samplers += [diffusion_row(steps, t, o, tau, ' (default)' * (o == order and (
+            o != 'confidence' or tau == noise))) for o, tau in orders]
+        samplers.append(diffusion_row(length, t, 'left-to-right', note=', one character a step'))
 
     def row(name, cost, x):
         bits = generative_bits(judge, x)
         texts = [''.join(vocab[t] for t in line) for line in x.tolist()]
-        words = None if known is None else real_words(texts, known)
+        words = '-' if known is None else f'{real_words(texts, known):.0%}'
         print(f'| {name} | {cost} | {bits.mean():.3f} ± {bits.std() / math.sqrt(len(x)):.3f} | '
-              f'{"-" if words is None else f"{words:.0%}"} |', flush=True)
+              f'{words} | {distinct_4grams(texts):.1%} |', flush=True)
 
     print(f'| sampler | forward passes | GFLOPs | seconds for 1 x {length} characters '
-          f'| generative bits/char ({num_samples} samples) | real words |')
-    print('|---|---|---|---|---|---|')
+          f'| generative bits/char ({num_samples} samples) | real words | distinct 4-grams |')
+    print('|---|---|---|---|---|---|---|')
     for name, net, sample in samplers:
         torch.manual_seed(args.seed)
         _, passes, flops, seconds = measure(net, lambda: sample(1))
@@ -415,9 +436,13 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int,
                    help='denoising steps of the diffusion model (default: 128); with --benchmark, '
                         'only this many instead of the whole range')
-    p.add_argument('--temperature', type=float, default=1.0,
-                   help='of both models; 1 (default) samples them exactly, lower is sharper and '
-                        'less varied')
+    p.add_argument('--temperature', type=float,
+                   help='of both models (default: that of gpt.py and diffusion.py); 1 samples them '
+                        'exactly, lower is sharper and less varied')
+    p.add_argument('--order', help=f'diffusion: which masks a step reveals: '
+                                   f'{", ".join(plumbing.ORDERS)} (default: {ORDER})')
+    p.add_argument('--confidence-noise', type=float, default=NOISE,
+                   help=f'with --order confidence (default: {NOISE})')
     p.add_argument('--length', type=int,
                    help='characters, at most the context of the models (default: one context)')
     p.add_argument('--prompt', help='text both models continue')
@@ -446,19 +471,23 @@ def parse_args(argv=None):
     plumbing.check_device(args.device)
     if args.steps is not None and args.steps < 1:
         die('--steps must be at least 1')
-    # --benchmark: (steps, temperature) of each diffusion row
-    args.benchmark_steps = ([(args.steps, 1)] if args.steps else
-                            [(16, 1), (32, 1), (64, 1), (128, 1), (256, 1), (1024, 1), (128, 0.8)])
+    # --benchmark: the exact model at every number of steps, or at --steps only
+    args.benchmark_steps = [args.steps] if args.steps else [16, 32, 64, 128, 256, 1024]
     args.steps = args.steps or 128
-    if not 1e-3 <= args.temperature <= 1e3:
+    if args.temperature is not None and not 1e-3 <= args.temperature <= 1e3:
         die(f'--temperature {args.temperature}: give a number from 0.001 to 1000')
+    if args.order not in (None, *plumbing.ORDERS):
+        die(f'unknown --order {args.order!r}; use {", ".join(plumbing.ORDERS)}')
+    if not 0 <= args.confidence_noise < math.inf:
+        die(f'--confidence-noise {args.confidence_noise}: give a number in [0, inf)')
     if args.length is not None and args.length < 1:
         die('--length must be at least 1')
     if args.infill is not None and (args.compare or args.benchmark):
         die('--infill shows the diffusion model alone; leave out --compare and --benchmark')
-    if (args.prompt is not None or args.temperature != 1) and args.benchmark:
-        die('--benchmark measures samples without a prompt, at its own temperatures; '
-            'leave out --prompt and --temperature')
+    sampling = [args.prompt, args.temperature, args.order]
+    if args.benchmark and (sampling != [None] * 3 or args.confidence_noise != NOISE):
+        die('--benchmark measures samples without a prompt, at its own temperatures, orders and '
+            'noise; leave out --prompt, --temperature, --order and --confidence-noise')
     if not 0 <= args.delay < math.inf:
         die('--delay must be a number of seconds, 0 or more')
     if args.svg is not None and args.benchmark:
@@ -487,15 +516,19 @@ def run(args, animate):
             gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
         gpt_length, prompt = plumbing.prompt(args, gpt_vocab, gpt_model.config.block_size)
         samplers.append(('GPT', gpt_vocab, gpt_model,
-                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, args.temperature,
-                                                 args.device, cb, prompt),
+                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, args.temperature
+                                                 or gpt.defaults['temperature'], args.device, cb,
+                                                 prompt),
                          prompt))
     diffusion_ckpt = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
     model, vocab = load(diffusion, diffusion_ckpt, args)
     length, given = plumbing.given(args, vocab, model.config.block_size)
+    order = plumbing.sampling_order(args, model.config.graph, ORDER)
+    temperature = args.temperature or diffusion.defaults['temperature']
     samplers.append(('diffusion', vocab, model,
-                     lambda cb: diffusion.generate(model, 1, length, args.steps, args.temperature,
-                                                   args.device, cb, given),
+                     lambda cb: diffusion.generate(model, 1, length, args.steps, temperature,
+                                                   args.device, cb, given, order,
+                                                   args.confidence_noise),
                      given.tolist()))
     recordings = []
     for name, *rest, start in samplers:
