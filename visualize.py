@@ -418,6 +418,7 @@ def benchmark(args, num_samples=32):
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'visualize.html')
 MAX_BODY = 16384  # bytes of a request: its text is at most one context, and a few settings
 MAX_STEPS = 4096  # a generation holds the server (closing its tab stops it): 4,097 frames at most
+BUSY_WAIT = 3  # seconds a request waits for the one before it to end, before it is told busy
 LOCAL = ('127.0.0.1', 'localhost')  # --host values that leave the page to this machine alone
 CHECKING = threading.Lock()  # a request's checks capture sys.stderr, which the threads share
 
@@ -510,7 +511,8 @@ class Page(BaseHTTPRequestHandler):
                                  self.server.options)
         except BadRequest as e:
             return self.reply(400, e)
-        if not self.busy.acquire(blocking=False):
+        # a while, for a generation just stopped to notice at its next frame that its tab is gone
+        if not self.busy.acquire(timeout=BUSY_WAIT):
             return self.reply(503, 'busy: another generation is running; try again when it ends')
         try:
             self.stream(jobs, seed)
