@@ -2564,3 +2564,437 @@ def test_out_that_can_be_written_is_left_to_the_first_save(tmp_path):
     folders are made at the first save."""
     plumbing.check_output(str(tmp_path / 'a' / 'b' / 'model.pt'))
     assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# 9. the page: python visualize.py --serve, visualize.html, and headless Chromium on it. The tiny models of `trained`
+# serve most tests; the shipped uniform-graph model, whose 4,097 steps take a minute, shows that a second request
+# waits its turn or is told the server is busy, and that a closed tab stops its generation
+
+import base64  # noqa: E402
+import http.client  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+import urllib.request  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+
+def start_server(argv, cwd):
+    """visualize.py --serve on a free port (--port 0) in a subprocess: (process, its address, the lines it printed)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / 'visualize.py'), '--serve', '--port', '0', '--device', 'cpu', *map(str, argv)],
+                            cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    m = re.fullmatch(r'serving the page at (http://[\d.]+:\d+/) \(Ctrl-C stops\)\n', line)
+    if not m:
+        proc.kill()
+        raise AssertionError(line + proc.communicate()[1])
+    return proc, m[1], [line]
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope='module')
+def page_server(trained):
+    """The tiny models, picked as the scripts pick them: out/ of the folder the server starts in, before weights/."""
+    workdir, _ = trained
+    proc, url, _ = start_server([], workdir)
+    yield SimpleNamespace(proc=proc, url=url, workdir=workdir)
+    stop_server(proc)
+
+
+@pytest.fixture(scope='module')
+def uniform_server():
+    """The shipped uniform-graph model beside the shipped GPT, at another loopback address than 127.0.0.1."""
+    proc, url, lines = start_server(['--host', '127.0.0.2', '--gpt-ckpt', REPO / gpt.SHIPPED,
+                                     '--diffusion-ckpt', REPO / 'weights' / 'uniform.pt'], REPO)
+    lines.append(proc.stdout.readline())
+    yield SimpleNamespace(proc=proc, url=url, lines=lines)
+    stop_server(proc)
+
+
+def connect(url, settings=None, body=None):
+    """POST the settings (or a raw body) to /generate: the open response."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    conn.request('POST', '/generate', body=json.dumps(settings).encode() if body is None else body,
+                 headers={'Content-Type': 'application/json'})
+    return conn.getresponse()
+
+
+def events(response):
+    """The Server-Sent Events of a response, one JSON object each, as they arrive."""
+    for line in response:
+        if line.startswith(b'data: '):
+            yield json.loads(line[len('data: '):])
+        else:
+            assert line == b'\n', line
+
+
+def generate(url, **settings):
+    """(status, the events or the one-line message, seconds from the request to the first frame)."""
+    t0 = time.perf_counter()
+    response = connect(url, settings)
+    if response.status != 200:
+        return response.status, response.read().decode(), None
+    assert response.getheader('Content-Type') == 'text/event-stream'
+    got, first = [], None
+    for event in events(response):
+        got.append(event)
+        if first is None and 'frame' in event:
+            first = time.perf_counter() - t0
+    return 200, got, first
+
+
+def runs_of(stream):
+    """{model: dict(vocab, start, frames, done)} of a whole stream, which must end with the end event."""
+    assert stream[-1] == {'end': True}, stream[-3:]
+    runs = {}
+    for event in stream[:-1]:
+        if 'vocab' in event:
+            runs[event['model']] = dict(vocab=event['vocab'], start=event['start'], frames=[], done=None)
+        elif 'frame' in event:
+            runs[event['model']]['frames'].append(event['frame'])
+        else:
+            runs[event['model']]['done'] = event
+    return runs
+
+
+def test_page_is_one_file_with_no_external_request(page_server):
+    """GET / is visualize.html itself (200, text/html), with no URL of another host in it: no http(s)://, no src, href or
+    url() but local ones, fetch() to paths of its own server. /options has the defaults of `python diffusion.py` and the
+    checkpoints of out/, and any other path is a 404 with one line."""
+    with urllib.request.urlopen(page_server.url, timeout=30) as response:
+        assert response.status == 200 and response.headers['Content-Type'] == 'text/html; charset=utf-8'
+        page = response.read()
+    assert page == (REPO / 'visualize.html').read_bytes()
+    html = page.decode()
+    assert not re.search(r'https?:|//[a-z]', html.replace('// ', '').replace('//\n', ''), re.I), 'a URL in the page'
+    assert not re.search(r'\b(src|href)\s*=|url\(|@import|<link|<iframe|<img', html, re.I)
+    assert re.findall(r"fetch\('([^']*)'", html) == ['generate', 'options']
+    with urllib.request.urlopen(page_server.url + 'options', timeout=30) as response:
+        options = json.load(response)
+    defaults = diffusion.parse_args(['--device', 'cpu'])
+    assert (options['steps'], options['seed']) == (defaults.steps, defaults.seed)
+    assert options['temperatures'] == {'GPT': gpt.defaults['temperature'], 'diffusion': defaults.temperature}
+    assert options['context'] == 32 and options['length'] == 31 and options['graph'] == 'absorb'
+    assert options['checkpoints'] == {'GPT': 'out/gpt.pt', 'diffusion': 'out/diffusion.pt', 'device': 'cpu'}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(page_server.url + 'nothing', timeout=30)
+    assert e.value.code == 404 and e.value.read().decode().count('\n') == 1
+
+
+def test_page_offers_the_orders_and_each_scripts_temperature(page_server, monkeypatch, capsys):
+    """For an absorbing model the page offers the decoding order (its choices and default, diffusion.py's) and the
+    confidence noise, and passes them on: the page's text is the one diffusion.py prints with the same flags. Without
+    a temperature, each model samples at its own script's: the GPT's text is the one gpt.py prints. A uniform-graph
+    model is offered no order, and a bad order is a 400."""
+    model = diffusion.Transformer(tiny_config(diffusion)).eval()
+    args = SimpleNamespace(device='cpu', gpt_ckpt='g.pt', diffusion_ckpt='d.pt')
+    options = visualize.page_options(args, {'diffusion': (model, 'abcdefghij')})
+    assert options['extra'] == {'order': {'default': diffusion.defaults['order'], 'choices': plumbing.ORDERS},
+                                'confidence_noise': {'default': diffusion.defaults['confidence_noise'], 'choices': None}}
+    assert options['temperatures'] == {'GPT': gpt.defaults['temperature'], 'diffusion': diffusion.defaults['temperature']}
+    uniform = diffusion.Transformer(tiny_config(diffusion, graph='uniform')).eval()
+    assert visualize.page_options(args, {'diffusion': (uniform, 'abcdefghij')})['extra'] == {}
+    with pytest.raises(visualize.BadRequest, match="unknown --order 'sideways'"):
+        visualize.request({'order': 'sideways'}, args, {'diffusion': (model, 'abcdefghij')}, options)
+    monkeypatch.chdir(page_server.workdir)
+    for settings in ({'order': 'left-to-right'}, {'order': 'confidence', 'confidence_noise': 0}, {}):
+        status, stream, _ = generate(page_server.url, text='', steps=6, seed=5, length=20, **settings)
+        runs = runs_of(stream)
+        flags = [f'--{k.replace("_", "-")}={v}' for k, v in settings.items()]
+        code, out, err = call_main(diffusion, ['--steps', 6, '--seed', 5, '--length', 20, '--device', 'cpu', *flags],
+                                   monkeypatch, capsys)
+        assert status == 200 and code == 0 and out == runs['diffusion']['done']['text'] + '\n', (settings, err)
+    code, out, err = call_main(gpt, ['--seed', 5, '--length', 20, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0 and out == runs['GPT']['done']['text'] + '\n', err
+
+
+def test_page_streams_each_frame_as_it_is_made(page_server, monkeypatch, capsys):
+    """A sample from nothing: the diffusion model's start (all masked), then steps + 1 frames, the first within a second
+    of the request; then the GPT's, a character per frame; each with passes, GFLOPs and seconds. Both texts have the
+    length asked for, and the diffusion model's is the very text `python diffusion.py` prints with the same settings."""
+    status, stream, first = generate(page_server.url, text='', steps=8, temperature=1, seed=3, length=20)
+    assert status == 200 and first < 1, (status, first)
+    runs = runs_of(stream)
+    assert list(runs) == ['diffusion', 'GPT']  # in this order: the diffusion model first
+    vocab = runs['diffusion']['vocab']
+    assert runs['diffusion']['start'] == [len(vocab)] * 20
+    assert len(runs['diffusion']['frames']) == 9 and len(runs['GPT']['frames']) == 20
+    assert [len(frame) for frame in runs['GPT']['frames']] == list(range(1, 21))  # left to right
+    for run in runs.values():
+        text = ''.join(run['vocab'][t] for t in run['frames'][-1])
+        assert run['done']['text'] == text and len(text) == 20
+        assert run['done']['passes'] >= 1 and run['done']['gflops'] > 0 and run['done']['seconds'] > 0
+    masked = [frame.count(len(vocab)) for frame in runs['diffusion']['frames']]
+    assert masked[-1] == 0 and masked == sorted(masked, reverse=True) and masked[0] > 0  # masks go, never come back
+    monkeypatch.chdir(page_server.workdir)
+    code, out, err = call_main(diffusion, ['--steps', 8, '--seed', 3, '--length', 20, '--device', 'cpu'], monkeypatch, capsys)
+    assert code == 0 and out == runs['diffusion']['done']['text'] + '\n', err
+
+
+def test_page_keeps_a_prompt_and_a_template(page_server):
+    """A text without holes is a prompt that both models continue to the length; a text with holes is a template that
+    the diffusion model alone fills in (no GPT: it cannot see past a hole), keeping every other character, its length
+    the template's whatever the length field says."""
+    status, stream, _ = generate(page_server.url, text='the cat', steps=6, temperature=1, seed=1, length=24)
+    runs = runs_of(stream)
+    assert status == 200 and list(runs) == ['diffusion', 'GPT']
+    for run in runs.values():
+        assert run['done']['text'].startswith('the cat') and len(run['done']['text']) == 24
+    template = 'the ___ sat on a ___.'
+    status, stream, _ = generate(page_server.url, text=template, steps=6, temperature=1, seed=1, length=5)
+    runs = runs_of(stream)
+    assert status == 200 and list(runs) == ['diffusion'] and len(runs['diffusion']['frames']) == 7
+    vocab, text = runs['diffusion']['vocab'], runs['diffusion']['done']['text']
+    assert runs['diffusion']['start'] == [len(vocab) if c == '_' else vocab.index(c) for c in template]
+    assert len(text) == len(template) and all(c == t for c, t in zip(text, template) if t != '_') and '_' not in text
+
+
+BAD_REQUESTS = {  # settings (or a raw body): the one line of the 400; the tiny models have a context of 32
+    'length-beyond-the-context': (dict(length=33), '--length 33 is longer than the context of the models (32 characters)'),
+    'steps-0': (dict(steps=0), '--steps must be at least 1'),
+    'steps-too-many': (dict(steps=5000), '--steps 5000: give at most 4096 here'),
+    'steps-not-a-number': (dict(steps='many'), "argument --steps: invalid int value: 'many'"),
+    'steps-empty': (dict(steps=''), "argument --steps: invalid int value: ''"),
+    'temperature-not-a-number': (dict(temperature='warm'), "argument --temperature: invalid float value: 'warm'"),
+    'temperature-0': (dict(temperature=0), '--temperature 0.0: give a number in [0.001, 1000]'),
+    'seed-negative': (dict(seed=-1), '--seed -1 must be from 0 to 2**63 - 1'),
+    'unknown-characters': (dict(text='the cat Zé'), "--prompt has characters the model does not know: 'Z' 'é'"),
+    'unknown-in-template': (dict(text='the _ sat!'), "--infill has characters the model does not know: '!'"),
+    'prompt-longer-than-length': (dict(text='the cat sat', length=5), '--prompt has 11 characters, more than --length 5'),
+    'template-beyond-the-context': (dict(text='_' * 40), '--infill has 40 characters, more than the context of 32'),
+    'unknown-setting': (dict(device='cuda'), "unknown setting 'device'"),
+    'text-not-a-string': (dict(text=7), 'send a JSON object of the settings, its text a string'),
+    'not-an-object': (b'[1, 2]', 'send a JSON object of the settings, its text a string'),
+    'not-json': (b'{"steps": ', 'the body is not JSON'),
+    'oversized-body': (json.dumps(dict(text='the cat ' * 2100)).encode(), f'more than {visualize.MAX_BODY}; send less text'),
+}
+
+
+@pytest.mark.parametrize('case', BAD_REQUESTS)
+def test_page_bad_input_is_a_400_with_one_line(case, page_server):
+    """Every bad input is a 400 whose body is one line that names what is wrong (the page shows it), and the server
+    goes on serving."""
+    settings, needle = BAD_REQUESTS[case]
+    response = connect(page_server.url, body=settings if isinstance(settings, bytes) else None,
+                       settings=None if isinstance(settings, bytes) else dict(dict(text='', steps=4, length=8), **settings))
+    message = response.read().decode()
+    assert response.status == 400 and response.getheader('Content-Type').startswith('text/plain'), message
+    assert needle in message and message.endswith('\n') and message.count('\n') == 1 and 'Traceback' not in message
+    assert generate(page_server.url, text='', steps=2, length=4)[0] == 200
+
+
+def test_page_request_without_a_length_header_is_a_400(page_server):
+    parts = urlsplit(page_server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
+        s.sendall(b'POST /generate HTTP/1.0\r\n\r\n')
+        reply = s.makefile('rb').read().decode()
+    assert reply.startswith('HTTP/1.0 400') and reply.endswith('\r\n\r\nsend the settings as a JSON body, with its Content-Length\n')
+
+
+def test_serve_bad_arguments_give_one_line(trained, monkeypatch, capsys):
+    """--serve with a setting of the page, --port or --host without --serve, a port out of range, or a port in use:
+    one line each."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    for argv, needle in [(['--serve', '--steps', 8], 'leave out --steps'), (['--serve', '--compare'], 'leave out --compare'),
+                         (['--port', 8001], 'give --serve too'), (['--serve', '--port', 70000], '--port 70000: give 1 to 65535')]:
+        assert_one_error_line(*call_main(visualize, [*argv, '--device', 'cpu'], monkeypatch, capsys)[::2], needle)
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = call_main(visualize, ['--serve', '--port', port, '--device', 'cpu'], monkeypatch, capsys)
+    assert_one_error_line(code, err, f'cannot serve at --host 127.0.0.1 --port {port} (Address already in use)')
+
+
+def test_page_serves_a_uniform_graph_model_and_warns_of_another_host(uniform_server):
+    """The uniform graph's frames hold no mask, only characters that flip; any --host but 127.0.0.1 is warned of."""
+    assert uniform_server.lines[1].startswith('warning: --host 127.0.0.2 opens the page to that network')
+    status, stream, _ = generate(uniform_server.url, text='ROMEO:', steps=6, temperature=1, seed=1, length=16)
+    runs = runs_of(stream)
+    vocab = runs['diffusion']['vocab']
+    assert status == 200 and len(runs['diffusion']['frames']) == 7
+    assert all(len(vocab) not in frame for frame in runs['diffusion']['frames'])
+    assert all(run['done']['text'].startswith('ROMEO:') and len(run['done']['text']) == 16 for run in runs.values())
+
+
+def test_page_second_request_waits_its_turn(uniform_server):
+    """Two requests at once: the second, sent while the first generates, waits for it to end; both are answered in full."""
+    first = connect(uniform_server.url, dict(text='', steps=100, temperature=1, seed=1, length=32))  # 101 uniform passes
+    stream = events(first)
+    got = [next(stream), next(stream)]
+    assert 'frame' in got[-1]
+    second = {}
+    waiting = threading.Thread(target=lambda: second.update(zip(('status', 'stream', 'first'), generate(
+        uniform_server.url, text='the', steps=4, temperature=1, seed=2, length=12))))
+    sent = time.perf_counter()
+    waiting.start()
+    got += list(stream)
+    ended = time.perf_counter()
+    waiting.join(timeout=60)
+    assert sent < ended and second['status'] == 200
+    runs = runs_of(got)
+    assert len(runs['diffusion']['frames']) == 101 and all(len(run['done']['text']) == 32 for run in runs.values())
+    runs = runs_of(second['stream'])
+    assert len(runs['diffusion']['frames']) == 5 and all(run['done']['text'].startswith('the') for run in runs.values())
+
+
+def test_page_is_busy_and_a_closed_tab_stops_its_generation(uniform_server):
+    """While a long generation runs (4,097 uniform steps: about a minute), its first frame came within a second; another
+    request waits visualize.BUSY_WAIT seconds and is told the server is busy (503, one line). Closing the first
+    connection (a closed tab) stops its generation at its next frame: the next request is served at once."""
+    t0 = time.perf_counter()
+    response = connect(uniform_server.url, dict(text='', steps=4096, temperature=1, seed=1, length=255))
+    stream = events(response)
+    assert 'vocab' in next(stream) and 'frame' in next(stream)
+    assert time.perf_counter() - t0 < 1
+    t1 = time.perf_counter()
+    status, message, _ = generate(uniform_server.url, text='', steps=2, length=8)
+    assert (status, message) == (503, 'busy: another generation is running; try again when it ends\n')
+    assert time.perf_counter() - t1 >= visualize.BUSY_WAIT - 0.1
+    response.close()  # and the socket with it: http.client's connection let go of it once the response began
+    closed = time.perf_counter()
+    status, stream, _ = generate(uniform_server.url, text='', steps=2, length=8)
+    assert status == 200 and runs_of(stream)['diffusion']['done']['text']
+    assert time.perf_counter() - closed < visualize.BUSY_WAIT + 2
+
+
+class DevTools:
+    """A page of headless Chromium, driven over the DevTools protocol: a websocket, spoken here with the standard library."""
+
+    def __init__(self, url, user_dir, size=(1200, 660)):
+        self.proc = subprocess.Popen(['chromium', '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                                      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                                      f'--user-data-dir={user_dir}', '--remote-debugging-port=0', f'--window-size={size[0]},{size[1]}',
+                                      '--hide-scrollbars', url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:  # 'DevTools listening on ws://127.0.0.1:PORT/devtools/browser/...'
+            m = re.search(r'DevTools listening on ws://([\d.]+):(\d+)/', line)
+            if m:
+                break
+        else:
+            raise AssertionError('chromium did not start: ' + self.proc.stderr.read())
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # its log, drained
+        host, port = m[1], int(m[2])
+        targets = json.load(urllib.request.urlopen(f'http://{host}:{port}/json/list', timeout=30))
+        path = urlsplit(next(t for t in targets if t['type'] == 'page')['webSocketDebuggerUrl']).path
+        self.sock = socket.create_connection((host, port), timeout=60)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f'GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
+                          f'Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n'.encode())
+        self.buffer, self.id = b'', 0
+        while b'\r\n\r\n' not in self.buffer:
+            self.buffer += self.sock.recv(4096)
+        head, self.buffer = self.buffer.split(b'\r\n\r\n', 1)
+        assert head.startswith(b'HTTP/1.1 101'), head
+
+    def read(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(1 << 16)
+            assert chunk, 'chromium closed the websocket'
+            self.buffer += chunk
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def message(self):
+        data = b''
+        while True:  # frames until the last of a message; the server's are not masked
+            first, second = self.read(2)
+            n = second & 127
+            n = struct.unpack('>H', self.read(2))[0] if n == 126 else struct.unpack('>Q', self.read(8))[0] if n == 127 else n
+            data += self.read(n)
+            if first & 0x80:
+                return json.loads(data)
+
+    def __call__(self, method, **params):
+        """Send one command and wait for its answer (events in between are dropped)."""
+        self.id += 1
+        payload, mask = json.dumps(dict(id=self.id, method=method, params=params)).encode(), os.urandom(4)
+        n = len(payload)
+        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack('>H', n)  # a client masks its frames
+        self.sock.sendall(bytes([0x81]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while True:
+            answer = self.message()
+            if answer.get('id') == self.id:
+                assert 'error' not in answer, answer
+                return answer['result']
+
+    def js(self, expression):
+        return self('Runtime.evaluate', expression=expression, returnByValue=True, awaitPromise=True)['result'].get('value')
+
+    def wait(self, expression, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f'waited {timeout} s for {expression}: state {self.js("document.body.dataset.state")}')
+
+    def screenshot(self, path):
+        path.write_bytes(base64.b64decode(self('Page.captureScreenshot', format='png')['data']))
+
+    def close(self):
+        self.sock.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.skipif(not shutil.which('chromium'), reason="needs Chromium, Debian's package: apt-get install -y chromium")
+def test_page_in_headless_chromium(page_server, tmp_path):
+    """A real browser: the page loads its settings, a click on generate writes a text the length asked for, the one the
+    server streams for those settings; a template is filled in with its characters kept; a bad setting is the server's
+    one line on the page. The decoding order is offered. ?step=K then holds both texts at the diffusion model's step K,
+    masks still showing, and the screenshot of it is a PNG."""
+    settings = dict(text='the cat', steps=8, temperature=1, seed=5, length=24)
+    expected = runs_of(generate(page_server.url, **settings)[1])['diffusion']['done']['text']
+    query = '&'.join(f'{k}={v}' for k, v in dict(settings, text='the%20cat', step=3).items())
+    page = DevTools(f'{page_server.url}?{query}', tmp_path / 'profile')
+    try:
+        page.wait("document.body.dataset.state === 'ready'")
+        assert page.js("document.getElementById('steps').value") == '8'
+        # the decoding order, offered with diffusion.py's choices and default
+        assert page.js("[...document.getElementById('order').options].map(o => o.value).join()") == ','.join(plumbing.ORDERS)
+        assert page.js("document.getElementById('order').value") == diffusion.defaults['order']
+        page.js("document.getElementById('generate').click()")
+        assert page.wait("document.body.dataset.state !== 'running' && document.body.dataset.state") == 'done'
+        assert page.js("document.getElementById('result').value") == expected
+        # held at step 3 of 9 (?step=3): masks left in the diffusion model's text
+        assert page.js("document.getElementById('diffusion-clock').textContent").startswith('step 3/9')
+        assert '·' in page.js("document.getElementById('diffusion').textContent")
+        page.screenshot(tmp_path / 'page.png')
+        assert (tmp_path / 'page.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        page.js("document.getElementById('text').value = 'the ___ sat'; document.getElementById('generate').click()")
+        page.wait("document.body.dataset.state === 'done' && document.getElementById('result').value.length === 11")
+        text = page.js("document.getElementById('result').value")
+        assert text[:4] == 'the ' and text[7:] == ' sat' and '_' not in text
+        assert 'cannot fill in holes' in page.js("document.getElementById('GPT-stats').textContent")
+        page.js("document.getElementById('steps').value = '0'; document.getElementById('generate').click()")
+        page.wait("document.body.dataset.state === 'error'")
+        assert page.js("document.getElementById('message').textContent") == '--steps must be at least 1'
+    finally:
+        page.close()
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads CPU time from /proc')
+def test_page_server_stops_on_ctrl_c(page_server):
+    """Ctrl-C mid-generation ends the server at once: exit 0, and nothing on stderr, no traceback from any request of the
+    tests above either. (It stops this module's server: the last test of the page.)"""
+    response = connect(page_server.url, dict(text='', steps=4096, temperature=1, seed=1, length=32))
+    assert 'vocab' in next(events(response))
+    page_server.proc.send_signal(signal.SIGINT)
+    page_server.proc.wait(timeout=10)
+    err = page_server.proc.stderr.read()
+    assert page_server.proc.returncode == 0 and err == '', err
+    response.close()

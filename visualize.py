@@ -7,6 +7,7 @@ Watch the models write: in the terminal, or as an animated SVG file for a web pa
     python visualize.py --infill TEMPLATE   the diffusion model filling in a template's holes (_)
     python visualize.py --svg FILE          any view above, written to FILE as a looping animation
     python visualize.py --benchmark         sample quality against speed, both models
+    python visualize.py --serve             the page visualize.html: both models live in a browser
 
 Each sampler runs once while every step it takes is recorded with the real time it took; the
 recording is then played back at that speed, plus --delay per frame so that fast machines can be
@@ -20,14 +21,19 @@ so the same weights and flags give the same file, byte for byte; docs/compare.sv
 `python visualize.py --compare --svg docs/compare.svg`.
 """
 import argparse
+import contextlib
+import io
+import json
 import math
 import os
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from xml.sax.saxutils import escape
 
 import plumbing  # first: from here on, Ctrl-C stops quietly, while torch loads too
@@ -63,14 +69,17 @@ class Recording:
         return (f'{self.name} ({self.passes} forward passes, about {self.flops / 1e9:.3g} GFLOPs, '
                 f'{self.seconds:.2f} s)')
 
-def record(name, vocab, model, sample, seed, start=()):
-    """Run sample(callback) once, keeping every frame it reports and when it reported it."""
+def record(name, vocab, model, sample, seed, start=(), show=None):
+    """Run sample(callback) once, keeping every frame it reports and when it reported it;
+    show(frame, stamp), if given, sees each one as it comes (--serve sends it to the page)."""
     frames, stamps = [], []
 
     def callback(step, x):
         # .tolist() waits for the device, so the stamp is honest on a GPU too
         frames.append(x[0].tolist())
         stamps.append(time.perf_counter() - t0)
+        if show:
+            show(frames[-1], stamps[-1])
     # the same sample as `python diffusion.py --seed` (or gpt.py) with the same flags
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -424,6 +433,157 @@ def benchmark(args, num_samples=32):
             torch.stack([val[i:i + length] for i in spread]).to(args.device))
 
 # -----------------------------------------------------------------------------
+# the page (--serve): visualize.html in a browser, sent each frame as the samplers make it
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'visualize.html')
+MAX_BODY = 16384  # bytes of a request: its text is at most one context, and a few settings
+MAX_STEPS = 4096  # a generation holds the server (closing its tab stops it): 4,097 frames at most
+BUSY_WAIT = 3  # seconds a request waits for the one before it to end, before it is told busy
+LOCAL = ('127.0.0.1', 'localhost')  # --host values that leave the page to this machine alone
+CHECKING = threading.Lock()  # a request's checks capture sys.stderr, which the threads share
+
+class BadRequest(Exception):
+    """Input the page can fix: a 400 whose one line the page shows; the server goes on serving."""
+
+def page_options(args, models):
+    """What the page offers, with the defaults of `python diffusion.py` as its parser has them (and
+    of `python gpt.py`: an empty temperature is each script's own), and for the absorbing graph
+    the decoding order and its noise."""
+    defaults = vars(diffusion.parse_args([f'--device={args.device}']))
+    model = models['diffusion'][0]
+    extra = {} if model.config.graph == 'uniform' else dict(
+        order=dict(default=ORDER, choices=plumbing.ORDERS),
+        confidence_noise=dict(default=NOISE, choices=None))
+    temperatures = {'GPT': gpt.defaults['temperature'], 'diffusion': defaults['temperature']}
+    return dict({k: defaults[k] for k in ('steps', 'seed', 'hole')}, extra=extra,
+                temperatures=temperatures, length=model.config.block_size - 1,
+                max_steps=MAX_STEPS, graph=model.config.graph,
+                context=min(m.config.block_size for m, _ in models.values()),
+                checkpoints=dict(zip(('GPT', 'diffusion'), checkpoints(args)), device=args.device))
+
+def request(settings, args, models, options):
+    """The samplers and seed of a request's settings (JSON): diffusion.py's own parser and checks
+    (plumbing's) read them, and their error line becomes the 400's message."""
+    if not isinstance(settings, dict) or not isinstance(settings.get('text', ''), str):
+        raise BadRequest('send a JSON object of the settings, its text a string')
+    text, hole = settings.pop('text', ''), options['hole']
+    unknown = settings.keys() - {'steps', 'temperature', 'seed', 'length', *options['extra']}
+    if unknown:
+        raise BadRequest(f'unknown setting {sorted(unknown)[0]!r}')
+    # '--flag=value', so that a text or value starting with '-' is read as one
+    argv = [f'--device={args.device}'] + [f'--{name.replace("_", "-")}={value}'
+                                          for name, value in settings.items()
+                                          if not (name == 'length' and hole in text)]
+    argv += [f'--infill={text}'] if hole in text else [f'--prompt={text}'] if text else []
+    with CHECKING, contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            job = diffusion.parse_args(argv)
+            if 'temperature' not in settings:  # each model at its own script's default
+                job.temperature = None
+            if job.length and job.length > options['context']:
+                raise BadRequest(f'--length {job.length} is longer than the context of the models '
+                                 f'({options["context"]} characters)')
+            if job.steps > MAX_STEPS:
+                raise BadRequest(f'--steps {job.steps}: give at most {MAX_STEPS} here')
+            # the GPT cannot fill in holes: a template is the diffusion model's alone
+            used = models if job.infill is None else {'diffusion': models['diffusion']}
+            return samplers(job, used), job.seed
+        except SystemExit:  # die() or argparse: 'error: ...' is the last line
+            raise BadRequest(err.getvalue().strip().splitlines()[-1].partition('error: ')[2])
+
+class Page(BaseHTTPRequestHandler):
+    """GET / is the page, GET /options its settings; POST /generate streams the frames of one
+    sample of each model as Server-Sent Events, a line of JSON each."""
+    busy = threading.Lock()  # one generation at a time: the models and the cores are shared
+
+    def log_message(self, *_):  # a line per request would bury the address printed at the start
+        pass
+
+    def reply(self, code, body, kind='text/plain; charset=utf-8'):
+        body = body if isinstance(body, bytes) else f'{body}\n'.encode()
+        self.send_response(code)
+        self.send_header('Content-Type', kind)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path.partition('?')[0]
+        if path == '/':
+            self.reply(200, self.server.page, 'text/html; charset=utf-8')
+        elif path == '/options':
+            self.reply(200, json.dumps(self.server.options).encode(), 'application/json')
+        else:
+            self.reply(404, f'no {path} here; the page is at /')
+
+    def settings(self):
+        """The request's body as JSON: none, too large a one or one not JSON is a BadRequest."""
+        size = self.headers.get('Content-Length', '')
+        if not re.fullmatch(r'[0-9]{1,12}', size):
+            raise BadRequest('send the settings as a JSON body, with its Content-Length')
+        if int(size) > MAX_BODY:  # left unread
+            raise BadRequest(f'the body has {size} bytes, more than {MAX_BODY}; send less text')
+        try:
+            return json.loads(self.rfile.read(int(size)))
+        except ValueError:
+            raise BadRequest('the body is not JSON; send the settings as a JSON object') from None
+
+    def do_POST(self):
+        if self.path != '/generate':
+            return self.reply(404, f'no {self.path} here; POST to /generate')
+        try:
+            jobs, seed = request(self.settings(), self.server.args, self.server.models,
+                                 self.server.options)
+        except BadRequest as e:
+            return self.reply(400, e)
+        # a while, for a generation just stopped to notice at its next frame that its tab is gone
+        if not self.busy.acquire(timeout=BUSY_WAIT):
+            return self.reply(503, 'busy: another generation is running; try again when it ends')
+        try:
+            self.stream(jobs, seed)
+        finally:
+            self.busy.release()
+
+    def stream(self, jobs, seed):
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/event-stream')
+        self.send_header('Cache-Control', 'no-store')
+        self.end_headers()
+
+        def send(**event):  # unbuffered: each frame leaves as soon as it is made
+            self.wfile.write(f'data: {json.dumps(event)}\n\n'.encode())
+        try:
+            # the diffusion model first, the GPT after it; the page races them on their clocks
+            for name, vocab, model, sample, start in reversed(jobs):
+                send(model=name, vocab=vocab, start=start)
+                rec = record(name, vocab, model, sample, seed, start,
+                             show=lambda frame, t: send(model=name, frame=frame, t=round(t, 4)))
+                send(model=name, text=rec.text(), passes=rec.passes, gflops=rec.flops / 1e9,
+                     seconds=rec.seconds)
+            send(end=True)
+        except ConnectionError:  # a broken pipe or a reset from send: the tab is gone, so stop
+            pass
+
+def serve(args):
+    """Serve the page until Ctrl-C, which ends the process at once (plumbing's handler)."""
+    gpt_ckpt, diffusion_ckpt = checkpoints(args)
+    models = {'GPT': load(gpt, gpt_ckpt, args), 'diffusion': load(diffusion, diffusion_ckpt, args)}
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), Page)
+    except OSError as e:
+        die(f'cannot serve at --host {args.host} --port {args.port} ({e.strerror or e}); '
+            'give another --port, or a --host of this machine')
+    with open(PAGE, 'rb') as f:
+        server.page = f.read()
+    server.args, server.models, server.options = args, models, page_options(args, models)
+    print(f'serving the page at http://{args.host}:{server.server_address[1]}/ '
+          '(Ctrl-C stops)', flush=True)
+    if args.host not in LOCAL:
+        print(f'warning: --host {args.host} opens the page to that network: whoever reaches this '
+              'machine there can run the models', flush=True)
+    server.serve_forever()
+
+# -----------------------------------------------------------------------------
 # command line
 
 def parse_args(argv=None):
@@ -467,8 +627,27 @@ def parse_args(argv=None):
     p.add_argument('--diffusion-ckpt',
                    help=f'default: {diffusion.defaults["out"]} if it exists, '
                         f'else {diffusion.SHIPPED}')
+    p.add_argument('--serve', action='store_true',
+                   help='serve the page visualize.html: both models live in a browser, with a '
+                        'text box and every setting; until Ctrl-C')
+    p.add_argument('--port', type=int, default=8000,
+                   help='with --serve (default: 8000; 0 picks a free one)')
+    p.add_argument('--host', default='127.0.0.1',
+                   help='with --serve: the address to listen at (default: 127.0.0.1, this machine '
+                        'alone)')
     args = p.parse_args(argv)
     plumbing.check_device(args.device)
+    # the page sets what to sample and how; the command line, which models and where
+    served = ('serve', 'port', 'host', 'device', 'gpt_ckpt', 'diffusion_ckpt')
+    if args.serve:
+        given = [k for k, v in vars(args).items() if k not in served and v != p.get_default(k)]
+        if given:
+            die(f'--serve takes the settings of each sample from the page; leave out '
+                f'--{given[0].replace("_", "-")}')
+    elif (args.port, args.host) != (p.get_default('port'), p.get_default('host')):
+        die('--port and --host say where --serve serves the page; give --serve too')
+    if not 0 <= args.port < 2 ** 16:
+        die(f'--port {args.port}: give 1 to 65535 (or 0 for any free one)')
     if args.steps is not None and args.steps < 1:
         die('--steps must be at least 1')
     # --benchmark: the exact model at every number of steps, or at --steps only
@@ -508,30 +687,41 @@ def parse_args(argv=None):
                 'path')
     return args
 
-def run(args, animate):
-    # (name, vocabulary, model, sample(callback), the token ids before the first pass)
-    samplers = []
-    if args.compare:
-        gpt_model, gpt_vocab = load(
-            gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
+def checkpoints(args):
+    """The paths of the GPT and the diffusion model: the flags', else those the scripts pick."""
+    return (args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']),
+            args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out']))
+
+def samplers(args, models):
+    """(name, vocabulary, model, sample(callback), the token ids before the first pass) of each of
+    models ({'GPT': (model, vocab), 'diffusion': ...}, the GPT optional) for the text of args."""
+    out = []
+    if 'GPT' in models:
+        gpt_model, gpt_vocab = models['GPT']
         gpt_length, prompt = plumbing.prompt(args, gpt_vocab, gpt_model.config.block_size)
-        samplers.append(('GPT', gpt_vocab, gpt_model,
-                         lambda cb: gpt.generate(gpt_model, 1, gpt_length, args.temperature
-                                                 or gpt.defaults['temperature'], args.device, cb,
-                                                 prompt),
-                         prompt))
-    diffusion_ckpt = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
-    model, vocab = load(diffusion, diffusion_ckpt, args)
+        # each model at its own script's default temperature, unless one is given for both
+        gpt_t = args.temperature or gpt.defaults['temperature']
+        out.append(('GPT', gpt_vocab, gpt_model,
+                    lambda cb: gpt.generate(gpt_model, 1, gpt_length, gpt_t, args.device, cb,
+                                            prompt),
+                    prompt))
+    model, vocab = models['diffusion']
     length, given = plumbing.given(args, vocab, model.config.block_size)
     order = plumbing.sampling_order(args, model.config.graph, ORDER)
-    temperature = args.temperature or diffusion.defaults['temperature']
-    samplers.append(('diffusion', vocab, model,
-                     lambda cb: diffusion.generate(model, 1, length, args.steps, temperature,
-                                                   args.device, cb, given, order,
-                                                   args.confidence_noise),
-                     given.tolist()))
+    diffusion_t = args.temperature or diffusion.defaults['temperature']
+    out.append(('diffusion', vocab, model,
+                lambda cb: diffusion.generate(model, 1, length, args.steps, diffusion_t,
+                                              args.device, cb, given, order,
+                                              args.confidence_noise),
+                given.tolist()))
+    return out
+
+def run(args, animate):
+    gpt_ckpt, diffusion_ckpt = checkpoints(args)
+    models = {'GPT': load(gpt, gpt_ckpt, args)} if args.compare else {}
+    models['diffusion'] = load(diffusion, diffusion_ckpt, args)
     recordings = []
-    for name, *rest, start in samplers:
+    for name, *rest, start in samplers(args, models):
         if sys.stdout.isatty():
             print(f'sampling with the {name} model...\x1b[K', end='\r', flush=True)
         recordings.append(record(name, *rest, args.seed, start))
@@ -550,6 +740,8 @@ def main():
     args = parse_args()
     if args.benchmark:
         return benchmark(args)
+    if args.serve:  # Ctrl-C stays plumbing's: the process ends at once, mid-generation or not
+        return serve(args)
     animate = sys.stdout.isatty() and not args.svg  # --svg draws into its file instead
     # Ctrl-C raises KeyboardInterrupt again, caught below
     signal.signal(signal.SIGINT, signal.default_int_handler)
