@@ -186,11 +186,35 @@ def describe(path, ckpt):
 
 
 def export(path, ckpt, kind):
-    """Save the checkpoint without what only training needs (diffusion.py's 'raw' weights too)."""
+    """Save the checkpoint without what only training needs (diffusion.py's 'raw' weights too):
+    a .pt checkpoint, or, for a path ending in .safetensors, the float32 weights in that format,
+    as diffusion.c reads them."""
     if os.path.isdir(path):
         die(f'--export {path} is a folder; give a file name, e.g. {path}/{kind}.pt')
-    save_checkpoint(path, {k: v for k, v in ckpt.items() if k not in ('optimizer', 'rng', 'raw')})
+    if path.endswith('.safetensors'):
+        write_atomic(path, lambda f: f.write(safetensors_bytes(ckpt, kind)))
+    else:
+        save_checkpoint(path, {k: v for k, v in ckpt.items()
+                               if k not in ('optimizer', 'rng', 'raw')})
     print(f'wrote {path}')
+
+
+def safetensors_bytes(ckpt, kind):
+    """The model's weights as a safetensors file: the size of the header (8 bytes, little-endian),
+    the header (JSON, padded with spaces to a multiple of 8 bytes) giving each tensor's dtype, shape
+    and data offsets, then the tensors' raw little-endian float32 data, in order. The header's
+    __metadata__ (strings only) holds the kind, format, config (as JSON) and vocabulary."""
+    meta = dict(kind=kind, format=str(ckpt.get('format', 1)), config=json.dumps(ckpt['config']),
+                vocab=ckpt['vocab'])
+    header, data, offset = {'__metadata__': meta}, [], 0
+    for name, tensor in ckpt['model'].items():
+        data.append(tensor.detach().float().cpu().contiguous().numpy().astype('<f4').tobytes())
+        header[name] = dict(dtype='F32', shape=list(tensor.shape),
+                            data_offsets=[offset, offset + len(data[-1])])
+        offset += len(data[-1])
+    text = json.dumps(header, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
+    text += b' ' * (-len(text) % 8)
+    return len(text).to_bytes(8, 'little') + text + b''.join(data)
 
 
 def model_config(config_class, vocab, args):
