@@ -64,9 +64,16 @@ def check_device(device):
             f'use --device {best_device()}')
 
 
+# --dtype, once check_args has read it; None: precision() chooses
+DTYPE = None
+
+
 def precision(device):
-    """bfloat16 where the hardware computes in it, else float32. Emulated, bfloat16 is several
-    times slower than float32 (seen on an AVX2-only CPU: 3.6x when sampling, 30x when training)."""
+    """--dtype where given, else bfloat16 where the hardware computes in it, else float32.
+    Emulated, bfloat16 is several times slower than float32 (seen on an AVX2-only CPU: 3.6x when
+    sampling, 30x when training)."""
+    if DTYPE:
+        return getattr(torch, DTYPE)
     kind = device.split(':')[0]
     if kind == 'cuda':  # torch.cuda.is_bf16_supported(including_emulation=False), from torch 2.3:
         # GPUs before Ampere (compute capability 8) only emulate it; ROCm's have it
@@ -636,6 +643,8 @@ def parser(doc, defaults, shipped):
                                               'longer texts are made window by window')
     p.add_argument('--prompt', help='text every sample starts with')
     p.add_argument('--temperature', type=float, default=1.0)
+    p.add_argument('--dtype', help='float32 or bfloat16, of the matrix products (default: '
+                                   'bfloat16 where the hardware computes in it, else float32)')
     if 'graph' in defaults:  # diffusion.py's own: infilling, denoising steps, repeated evaluation
         p.add_argument('--infill', metavar='TEMPLATE',
                        help='text to complete: --hole characters are generated, the others kept')
@@ -663,8 +672,12 @@ POSITIVE = ('num_samples', 'max_iters', 'batch_size', 'grad_accum', 'eval_interv
 
 def check_args(args):
     """One error line for any flag out of its range, before anything runs."""
+    global DTYPE
     flag = lambda name: '--' + name.replace('_', '-')  # noqa: E731
     check_device(args.device)
+    if args.dtype not in (None, 'float32', 'bfloat16'):
+        die(f'unknown --dtype {args.dtype!r}; use float32 or bfloat16')
+    DTYPE = args.dtype
     for name in POSITIVE + ('steps', 'eval_passes'):
         if getattr(args, name, 1) < 1:
             die(f'{flag(name)} must be at least 1')
