@@ -53,11 +53,10 @@ static double uniform(void) {  // in (0, 1)
 
 // a draw in proportion to w[0..n-1], negative weights (and NaN) as 0, as Python's clamp(min=0)
 static int draw(const double *w, int n) {
-    double total = 0, u;
+    double total = 0, u = uniform();
     int last = 0;
     for (int i = 0; i < n; i++) if (w[i] > 0) total += w[i], last = i;
-    u = uniform() * total;
-    for (int i = 0; i < n; i++) if (w[i] > 0 && (u -= w[i]) < 0) return i;
+    for (int i = 0; i < n; i++) if (w[i] > 0 && (u -= w[i] / total) < 0) return i;
     return last;
 }
 
@@ -163,7 +162,7 @@ typedef struct {
 } Model;
 
 static char *header;  // of the file being read: its JSON header, NUL-terminated, and its data
-static const unsigned char *data;
+static const unsigned char *data;  // and the tensors' data
 static size_t data_size;
 
 // the tensor name, float32 of shape (rows, cols) (a vector: rows 0), checked against the file
@@ -185,8 +184,7 @@ static float *tensor(Model *m, const char *name, int rows, int cols, int panels)
         long long o = i / cols, in = i % cols;  // element (o, in) at (in, o % W) of panel o / W
         memcpy(&w[panels ? (o / W * cols + in) * W + o % W : i], &u, 4);
     }
-    m->params += (double)n;
-    return w;
+    return m->params += (double)n, w;
 }
 
 // the model in file: 8 bytes of little-endian header size, the JSON header, the tensors' data
@@ -195,7 +193,9 @@ static void load(Model *m, const char *file) {
     long size = -1;
     unsigned long long n = 0;
     if (!f) die(1, "cannot open %s", file);
-    if (fseek(f, 0, SEEK_END) || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) size = -1;
+    // the size, and a first byte: a folder, which some systems open, has none
+    if (fseek(f, 0, SEEK_END) || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) || fgetc(f) == EOF
+            || fseek(f, 0, SEEK_SET)) size = -1;
     unsigned char *bytes = alloc(size > 0 ? (size_t)size : 1);
     if (size < 0 || fread(bytes, 1, (size_t)size, f) != (size_t)size) die(1, "can't read %s", file);
     for (int i = 7; i >= 0 && size >= 8; i--) n = n << 8 | bytes[i];
@@ -397,8 +397,7 @@ static int generate(const Model *m, State *s, int *x, int T) {
             x[best] = drawn[best], fed = 0;
         }
     }
-    free(drawn), free(logp), free(probs), free(priority);
-    return passes;
+    return free(drawn), free(logp), free(probs), free(priority), passes;
 }
 
 // -----------------------------------------------------------------------------
@@ -437,7 +436,7 @@ static const char *usage = "usage: ./diffusion [FILE] [flags]: sample from FILE 
 
 int main(int argc, char **argv) {
     int samples = 1, length = 0, paths = 0;
-    double seed = SEED;
+    double seed = SEED, seconds = 0, passes = 0;
     const char *orders[] = {"random", "confidence", "left-to-right"}, *how = ORDER, *infill = NULL,
                *logprobs = NULL;
     for (int i = 1; i < argc; i++) {
@@ -482,7 +481,6 @@ int main(int argc, char **argv) {
         return 0;
     }
     rng = ((uint64_t)seed ^ 0x9E3779B97F4A7C15ULL) * 0xBF58476D1CE4E5B9ULL | 1;
-    double seconds = 0, passes = 0;
     for (int b = 0; b < samples; b++) {  // one at a time, each pass counted
         struct timespec t0, t1;
         memcpy(x, given, sizeof(int) * T), timespec_get(&t0, TIME_UTC);

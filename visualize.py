@@ -471,7 +471,8 @@ def benchmark_c(args, runs=5):
                 if res.returncode or not timing:
                     die(f'{name} failed: {(res.stderr.strip() or "?").splitlines()[-1]}')
                 seconds, passes, gflops = float(timing[1]), int(timing[2]), float(timing[3])
-                figures[name].append((whole, seconds, passes, gflops / seconds))
+                rate = gflops / seconds if seconds else math.nan  # a run too short to time
+                figures[name].append((whole, seconds, passes, rate))
     print(f'1 x {length} characters at {args.steps} steps, seed {args.seed}, float32, on '
           f'{cpu_name()} ({os.cpu_count()} cores); medians of {runs} runs each')
     print('| program | whole process, s | sampling, s | forward passes | GFLOP/s |')
