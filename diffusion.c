@@ -2,8 +2,7 @@
 alone, the same network and Tweedie steps, from `python diffusion.py --export FILE.safetensors`.
     cc -O3 -o diffusion diffusion.c -lm   build (-fopenmp: every core; -march=native: wider vectors)
     ./diffusion                           sample from weights/diffusion.safetensors
-    ./diffusion --infill "ROMEO:____________JULIET:"   fill in the _, both sides in view
-*/
+    ./diffusion --infill "ROMEO:____________JULIET:"   fill in the _, both sides in view */
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -31,7 +30,6 @@ alone, the same network and Tweedie steps, from `python diffusion.py --export FI
 
 // errors: one line on stderr, as plumbing.die; exit 2 for a bad flag, 1 for a file not trusted
 static const char *path = PATH;
-
 static void die(int code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt), fputs("error: ", stderr), vfprintf(stderr, fmt, ap), va_end(ap);
@@ -58,10 +56,6 @@ static int draw(const double *w, int n) {
     for (int i = 0; i < n; i++) if (w[i] > 0) total += w[i], last = i;
     for (int i = 0; i < n; i++) if (w[i] > 0 && (u -= w[i] / total) < 0) return i;
     return last;
-}
-
-static int utf8_bytes(unsigned char b) {  // of the character that starts with b; 0: none does
-    return b < 0x80 ? 1 : b < 0xC0 ? 0 : b < 0xE0 ? 2 : b < 0xF0 ? 3 : b < 0xF8 ? 4 : 0;
 }
 
 // -----------------------------------------------------------------------------
@@ -106,9 +100,7 @@ static const char *json_value(const char *p, int depth) {
             if (*p != ',') return NULL;
         }
     }
-    if (!strncmp(p, "true", 4) || !strncmp(p, "null", 4)) return p + 4;
-    if (!strncmp(p, "false", 5)) return p + 5;
-    strtod(p, &end);  // a number, as strtod reads it (a little more than JSON's)
+    strtod(p, &end);  // a number, as strtod reads it (a little more than JSON's; no true or null)
     return end > p ? end : NULL;
 }
 
@@ -123,13 +115,11 @@ static const char *json_get(const char *p, const char *key) {  // in an object c
     }
     return NULL;
 }
-
 static long long json_int(const char *p, long long max) {  // a whole number 0..max, else -1
     char *end = NULL;
     double v = p ? strtod(p = ws(p), &end) : -1;
     return p && end > p && v >= 0 && v <= max && v == floor(v) ? (long long)v : -1;
 }
-
 static int json_ints(const char *p, long long *out, int most, long long max) {  // how many
     int n = 0;
     for (p = p && *p == '[' ? ws(p + 1) : NULL; p && *p != ']'; p = ws(p + (*p == ',')))
@@ -137,7 +127,6 @@ static int json_ints(const char *p, long long *out, int most, long long max) {  
             return -1;
     return p ? n : -1;
 }
-
 static char *json_text(const char *p) {  // the string at p, unescaped into new memory, or NULL
     size_t n;
     char *s = p && json_string(p, NULL, 0, &n) ? alloc(n + 1) : NULL;
@@ -152,7 +141,6 @@ static char *json_text(const char *p) {  // the string at p, unescaped into new 
 typedef struct { int vocab_size, n_layer, n_head, n_embd, block_size; } Config;
 // a Block: ln_1, ln_2 (C); c_attn (C, 3C), attn_proj (C, C), c_fc (C, 4C), mlp_proj (4C, C)
 typedef struct { float *ln_1, *c_attn, *attn_proj, *ln_2, *c_fc, *mlp_proj; } Layer;
-
 typedef struct {
     Config config;
     float *wte, *ln_f, *head;  // (N + 1, C): the characters' embeddings, then the mask's; (C);
@@ -162,8 +150,7 @@ typedef struct {
 } Model;
 
 static char *header;  // of the file being read: its JSON header, NUL-terminated, and its data
-static const unsigned char *data;  // and the tensors' data
-static size_t data_size;
+static const unsigned char *data, *data_end;  // and the tensors' data
 
 // the tensor name, float32 of shape (rows, cols) (a vector: rows 0), checked against the file
 static float *tensor(Model *m, const char *name, int rows, int cols, int panels) {
@@ -175,7 +162,7 @@ static float *tensor(Model *m, const char *name, int rows, int cols, int panels)
     if (dims != 1 + !!rows || shape[0] != (rows ? rows : cols) || (rows && shape[1] != cols))
         die(1, "%s: tensor %s is not of shape (%d, %d)", path, name, rows, cols);
     if (json_ints(json_get(t, "data_offsets"), at, 2, 1LL << 50) != 2 || at[0] > at[1]
-            || (unsigned long long)at[1] > data_size || at[1] - at[0] != 4 * n)
+            || at[1] > data_end - data || at[1] - at[0] != 4 * n)
         die(1, "%s: tensor %s's data offsets do not fit its shape and the file", path, name);
     float *w = alloc(sizeof(float) * (panels ? (rows + W - 1) / W * W * cols : n));
     for (long long i = 0; i < n; i++) {  // little-endian bytes, whatever this machine's order
@@ -201,7 +188,7 @@ static void load(Model *m, const char *file) {
     for (int i = 7; i >= 0 && size >= 8; i--) n = n << 8 | bytes[i];
     if (size < 8 || n > (unsigned long long)size - 8) die(1, "%s is shorter than its header", file);
     memcpy(header = alloc(n + 1), bytes + 8, n);
-    data = bytes + 8 + n, data_size = (size_t)size - 8 - n;
+    data = bytes + 8 + n, data_end = bytes + size;
     const char *end = json_value(header, 0), *keys[] = {"kind", "format", "config", "vocab"};
     if (!end || ws(end) != header + n || *ws(header) != '{')
         die(1, "%s: its header is not a JSON object", file);
@@ -223,12 +210,13 @@ static void load(Model *m, const char *file) {
     Config c = m->config = (Config){(int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4]};
     if (c.n_embd % (2 * c.n_head)) die(1, "%s: config n_embd is not a multiple of 2 n_head", file);
     // the vocabulary: N characters in UTF-8, one per token id
-    size_t len = strlen(meta[3]), k = 0, bytes_k;
+    size_t len = strlen(meta[3]), k = 0, b;  // b: the bytes of a character, continuation bytes too
     m->vocab = alloc(sizeof *m->vocab * c.vocab_size);
-    for (int i = 0; i < c.vocab_size; i++, k += bytes_k)
-        if (!(bytes_k = utf8_bytes((unsigned char)meta[3][k])) || k + bytes_k > len)
-            die(1, "%s: its vocab is not of vocab_size characters in UTF-8", file);
-        else memcpy(m->vocab[i], meta[3] + k, bytes_k);
+    for (int i = 0; i < c.vocab_size; i++, k += b) {
+        for (b = 1; k < len && b < 5 && (meta[3][k + b] & 0xC0) == 0x80; b++) {}
+        if (k >= len || b > 4) die(1, "%s: its vocab is not vocab_size characters of UTF-8", file);
+        memcpy(m->vocab[i], meta[3] + k, b);
+    }
     if (k != len) die(1, "%s: its vocab is longer than vocab_size", file);
     int C = c.n_embd, N = c.vocab_size;
     char name[64];
@@ -240,8 +228,7 @@ static void load(Model *m, const char *file) {
         WEIGHT(ln_1, "ln_1", 0, C), WEIGHT(c_attn, "attn.c_attn", 3 * C, C),
         WEIGHT(attn_proj, "attn.c_proj", C, C), WEIGHT(ln_2, "ln_2", 0, C),
         WEIGHT(c_fc, "mlp.c_fc", 4 * C, C), WEIGHT(mlp_proj, "mlp.c_proj", C, 4 * C);
-    m->ln_f = tensor(m, "ln_f.weight", 0, C, 0);
-    m->head = tensor(m, "head.weight", N, C, 1);
+    m->ln_f = tensor(m, "ln_f.weight", 0, C, 0), m->head = tensor(m, "head.weight", N, C, 1);
     fclose(f);
 }
 
@@ -267,14 +254,31 @@ static void matmul(float *out, int so, float *x, int sx, float *w, int n, int d,
     }
 }
 
+// e^x, x <= 0 (softmax), and erf (GELU) to 5e-7, in arithmetic the compiler vectorises as it cannot
+// libm's: 2^n (n = round(x / ln 2), the low bits of x / ln 2 + 1.5 * 2^23) times a polynomial for
+// e^(x - n ln 2); erf as Abramowitz and Stegun's 7.1.26
+static float exp_neg(float x) {
+    float m = x * 1.44269504f + 12582912.0f, n = m - 12582912.0f, r = x - n * 0.693147181f, e;
+    uint32_t k;
+    memcpy(&k, &m, 4), k = k - 0x4B400000u + 127, k = (k > 254 ? 0 : k) << 23;  // 2^n, or 0
+    memcpy(&e, &k, 4);
+    return e * (1 + r * (1 + r * (0.5f + r * (1 / 6.0f + r * (1 / 24.0f + r * (1 / 120.0f
+                                                                                + r / 720))))));
+}
+static float erf_(float x) {
+    float a = fabsf(x), t = 1 / (1 + 0.3275911f * a), y = 1 - t * (0.254829592f + t * (-0.284496736f
+        + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) * exp_neg(-a * a);
+    return copysignf(y, x);
+}
+
 // LayerNorm without bias (eps 1e-5): each row of x (T, C) to mean 0 and variance 1, times w
 static void layer_norm(float *out, const float *x, const float *w, int T, int C) {
     for (int t = 0; t < T; t++) {
         const float *r = x + (size_t)t * C;
         double mean = 0, var = 0, scale;
-        for (int i = 0; i < C; i++) mean += r[i] / (double)C;
-        for (int i = 0; i < C; i++) var += (r[i] - mean) * (r[i] - mean) / C;
-        scale = 1 / sqrt(var + 1e-5);
+        for (int i = 0; i < C; i++) mean += r[i];
+        for (int i = 0; i < C; i++) var += (r[i] - mean / C) * (r[i] - mean / C);
+        scale = 1 / sqrt(var / C + 1e-5), mean /= C;
         for (int i = 0; i < C; i++) out[(size_t)t * C + i] = (float)((r[i] - mean) * scale) * w[i];
     }
 }
@@ -310,10 +314,11 @@ static void attention(State *s, int T, int C, int n_head) {
         matmul(s->att, T, q, 3 * C, s->k, T, T, hs, 0);  // (T, T): q k^T
         PARALLEL_FOR
         for (int t = 0; t < T; t++) {  // softmax(q k^T / sqrt(hs)), row by row
-            float *a = s->att + (size_t)t * T, max = a[0], sum = 0;
+            float *a = s->att + (size_t)t * T, max = a[0], sum = 0, scale = 1 / sqrtf((float)hs);
             for (int u = 0; u < T; u++) max = a[u] > max ? a[u] : max;
-            for (int u = 0; u < T; u++) sum += a[u] = expf((a[u] - max) / sqrtf((float)hs));
-            for (int u = 0; u < T; u++) a[u] /= sum;
+            for (int u = 0; u < T; u++) a[u] = exp_neg((a[u] - max) * scale);
+            for (int u = 0; u < T; u++) sum += a[u];
+            for (int u = 0; u < T; u++) a[u] *= 1 / sum;
         }
         matmul(s->y + h * hs, C, s->att, T, s->v, T, hs, T, 0);  // (T, hs): att v
     }
@@ -333,7 +338,7 @@ static void forward(const Model *m, State *s, const int *tokens, int T, float *o
         layer_norm(s->h, s->x, L->ln_2, T, C);  // x = x + mlp(ln_2(x)), GELU with exact erf
         matmul(s->fc, 4 * C, s->h, C, L->c_fc, T, 4 * C, C, 0);
         PARALLEL_FOR
-        for (int i = 0; i < T * 4 * C; i++) s->fc[i] *= 0.5f * (1 + erff(s->fc[i] / sqrtf(2)));
+        for (int i = 0; i < T * 4 * C; i++) s->fc[i] *= 0.5f * (1 + erf_(s->fc[i] * 0.70710678f));
         matmul(s->x, C, s->fc, 4 * C, L->mlp_proj, T, C, 4 * C, 1);
     }
     layer_norm(s->h, s->x, m->ln_f, T, C);
@@ -372,8 +377,7 @@ static int generate(const Model *m, State *s, int *x, int T) {
         double dt = (2 * T_EPS - 1) / steps, t = 1 - T_EPS + step * dt, sigma_bar = -log1p(-t);
         double next = step < steps ? t + dt : 0, dsigma = sigma_bar + log1p(-next);
         int masked = 0;
-        // the network ignores the noise level: a step that changed nothing skips the pass, its
-        // output the same (MDLM's cached sampler)
+        // the network ignores the noise level: no pass after a step that changed nothing (MDLM)
         if (!fed) forward(m, s, x, T, logp, temperature);
         passes += !fed, fed = 1;
         for (int i = 1; i < T; i++) {
@@ -403,11 +407,10 @@ static int generate(const Model *m, State *s, int *x, int T) {
 // -----------------------------------------------------------------------------
 // the command line
 static double number(const char *flag, const char *text, double lo, double hi, int whole) {
-    char *end = NULL;
-    double v = text ? strtod(text, &end) : NAN;
-    if (!text || end == text || *end || !(v >= lo && v <= hi) || (whole && v != floor(v)))
-        die(2, "%s %s: give a %s from %g to %g", flag, text ? text : "", whole ? "whole number"
-            : "number", lo, hi);
+    char *end;
+    double v = strtod(text, &end);
+    if (end == text || *end || !(v >= lo && v <= hi) || (whole && v != floor(v)))
+        die(2, "%s %s: give a%s number from %g to %g", flag, text, whole ? " whole" : "", lo, hi);
     return v;
 }
 
@@ -415,9 +418,10 @@ static double number(const char *flag, const char *text, double lo, double hi, i
 static int encode(const Model *m, const char *flag, const char *text, int *ids, int most) {
     int n = 0, N = m->config.vocab_size;
     for (const char *p = text; *p; n++) {
-        int bytes = utf8_bytes((unsigned char)*p), k, id = *p == '_' ? N : -1;
-        char c[5] = {0};
-        for (k = 0; k < (bytes ? bytes : 1) && p[k]; k++) c[k] = p[k];
+        int k = 1, id = *p == '_' ? N : -1;
+        char c[6] = {0};
+        while (k < 5 && (p[k] & 0xC0) == 0x80) k++;  // a character of UTF-8: its first byte and
+        memcpy(c, p, k);                              // those that continue it
         for (int y = 0; y < N && id < 0; y++) id = strcmp(c, m->vocab[y]) ? -1 : y;
         if (n == most)
             die(2, "%s: the context after the start token holds %d characters", flag, most);
@@ -426,7 +430,6 @@ static int encode(const Model *m, const char *flag, const char *text, int *ids, 
     }
     return n;
 }
-
 static const char *usage = "usage: ./diffusion [FILE] [flags]: sample from FILE (default: "
     PATH ")\n  --steps N (default: %d)  --num-samples N (default: 1)  --seed N (default: %d)\n"
     "  --length N: characters, at most the context after the start token (default: all of it)\n"
@@ -440,7 +443,7 @@ int main(int argc, char **argv) {
     const char *orders[] = {"random", "confidence", "left-to-right"}, *how = ORDER, *infill = NULL,
                *logprobs = NULL;
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
         if (!strcmp(a, "-h") || !strcmp(a, "--help"))
             return printf(usage, STEPS, SEED, TEMPERATURE, ORDER, CONFIDENCE_NOISE), 0;
         if (strncmp(a, "--", 2) && paths++) die(2, "give one file, not %s and %s", path, a);
@@ -452,7 +455,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--seed")) seed = number(a, v, 0, 9.2e18, 1);
         else if (!strcmp(a, "--confidence-noise")) confidence_noise = number(a, v, 0, 1e3, 0);
         else if (!strcmp(a, "--order") || !strcmp(a, "--infill") || !strcmp(a, "--logprobs"))
-            *(a[2] == 'o' ? &how : a[2] == 'i' ? &infill : &logprobs) = v ? v : "";
+            *(a[2] == 'o' ? &how : a[2] == 'i' ? &infill : &logprobs) = v;
         else die(2, "unknown flag %s; ./diffusion --help lists them", a);
         i++;
     }
