@@ -143,8 +143,8 @@ typedef struct { int vocab_size, n_layer, n_head, n_embd, block_size; } Config;
 typedef struct { float *ln_1, *c_attn, *attn_proj, *ln_2, *c_fc, *mlp_proj; } Layer;
 typedef struct {
     Config config;
-    float *wte, *ln_f, *head;  // (N + 1, C): the characters' embeddings, then the mask's; (C);
-    Layer *layers;             // (C, N)
+    float *wte, *ln_f, *head;  // (N + 1, C), the mask's embedding last; (C); (C, N)
+    Layer *layers;             // (n_layer)
     char (*vocab)[5];          // (N) characters, each in UTF-8
     double params;             // as PyTorch counts them, for the FLOPs
 } Model;
@@ -335,7 +335,7 @@ static void forward(const Model *m, State *s, const int *tokens, int T, float *o
         rotary(s->qkv, T, C, m->config.n_head);
         attention(s, T, C, m->config.n_head);
         matmul(s->x, C, s->y, C, L->attn_proj, T, C, C, 1);
-        layer_norm(s->h, s->x, L->ln_2, T, C);  // x = x + mlp(ln_2(x)), GELU with exact erf
+        layer_norm(s->h, s->x, L->ln_2, T, C);  // x = x + mlp(ln_2(x)), GELU of erf, not tanh
         matmul(s->fc, 4 * C, s->h, C, L->c_fc, T, 4 * C, C, 0);
         PARALLEL_FOR
         for (int i = 0; i < T * 4 * C; i++) s->fc[i] *= 0.5f * (1 + erf_(s->fc[i] * 0.70710678f));
@@ -389,9 +389,9 @@ static int generate(const Model *m, State *s, int *x, int T) {
                 continue;
             }
             for (int y = 0; y < N; y++) probs[y] = exp(lp[y]);
-            drawn[i] = draw(probs, N), masked++;  // confidence, left-to-right: a draw, kept or
-            priority[i] = order == LEFT_TO_RIGHT ? -i  // not by its priority, + Gumbel noise
-                          : lp[drawn[i]] - confidence_noise * log(-log(uniform()));
+            drawn[i] = draw(probs, N), masked++;  // confidence, left-to-right: a draw, kept by
+            priority[i] = order == LEFT_TO_RIGHT ? -i  // priority: the leftmost first, or the
+                          : lp[drawn[i]] - confidence_noise * log(-log(uniform()));  // likeliest
         }
         // round(F ts[step + 1] / ts[0]) of the F free positions stay masked, the rest take draws
         for (int keep = (int)nearbyint(F * next / (1 - T_EPS)); masked > keep; masked--) {
