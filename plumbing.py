@@ -638,13 +638,13 @@ def parser(doc, defaults, shipped):
                                   f'else {shipped})')
     p.add_argument('--export', metavar='PATH',
                    help='save the checkpoint without its optimizer state, for shipping')
+    p.add_argument('--dtype', help='float32 or bfloat16, of the matrix products (default: '
+                                   'bfloat16 where the hardware computes in it, else float32)')
     p.add_argument('--num-samples', type=int, default=1)
     p.add_argument('--length', type=int, help='characters per sample (default: one context); '
                                               'longer texts are made window by window')
     p.add_argument('--prompt', help='text every sample starts with')
     p.add_argument('--temperature', type=float, default=1.0)
-    p.add_argument('--dtype', help='float32 or bfloat16, of the matrix products (default: '
-                                   'bfloat16 where the hardware computes in it, else float32)')
     if 'graph' in defaults:  # diffusion.py's own: infilling, denoising steps, repeated evaluation
         p.add_argument('--infill', metavar='TEMPLATE',
                        help='text to complete: --hole characters are generated, the others kept')

@@ -2550,8 +2550,9 @@ def test_c_samples_the_model_you_train_and_export(c_program, trained, tmp_path, 
 
 @needs_cc
 def test_c_defaults_are_python_defaults(c_program, capsys):
-    """./diffusion --help states the defaults of python diffusion.py: steps, temperature, seed, and, where
-    diffusion.py has them, the order and its noise; without --length both write one context after the start token."""
+    """./diffusion --help states the defaults of python diffusion.py (its `defaults`, else its parser's): steps,
+    temperature, seed and, where diffusion.py has them, the order and its noise; without --length both write one
+    context after the start token."""
     res = run_c(c_program, '--help')
     assert res.returncode == 0
     c = dict(re.findall(r'--([a-z-]+) [^(]*\(default: ([^)]+)\)', res.stdout))
@@ -2559,8 +2560,8 @@ def test_c_defaults_are_python_defaults(c_program, capsys):
     compared = 0
     for flag, value in c.items():
         name = flag.replace('-', '_')
-        if getattr(python, name, None) is not None:
-            default = getattr(python, name)
+        default = diffusion.defaults.get(name, getattr(python, name, None))
+        if default is not None:
             assert (float(value) == default if isinstance(default, (int, float)) else value == default), flag
             compared += 1
     assert compared >= 4 and {'steps', 'temperature', 'seed', 'num-samples'} <= set(c)
