@@ -64,9 +64,16 @@ def check_device(device):
             f'use --device {best_device()}')
 
 
+# --dtype, once check_args has read it; None: precision() chooses
+DTYPE = None
+
+
 def precision(device):
-    """bfloat16 where the hardware computes in it, else float32. Emulated, bfloat16 is several
-    times slower than float32 (seen on an AVX2-only CPU: 3.6x when sampling, 30x when training)."""
+    """--dtype where given, else bfloat16 where the hardware computes in it, else float32.
+    Emulated, bfloat16 is several times slower than float32 (seen on an AVX2-only CPU: 3.6x when
+    sampling, 30x when training)."""
+    if DTYPE:
+        return getattr(torch, DTYPE)
     kind = device.split(':')[0]
     if kind == 'cuda':  # torch.cuda.is_bf16_supported(including_emulation=False), from torch 2.3:
         # GPUs before Ampere (compute capability 8) only emulate it; ROCm's have it
@@ -186,11 +193,35 @@ def describe(path, ckpt):
 
 
 def export(path, ckpt, kind):
-    """Save the checkpoint without what only training needs (diffusion.py's 'raw' weights too)."""
+    """Save the checkpoint without what only training needs (diffusion.py's 'raw' weights too):
+    a .pt checkpoint, or, for a path ending in .safetensors, the float32 weights in that format,
+    as diffusion.c reads them."""
     if os.path.isdir(path):
         die(f'--export {path} is a folder; give a file name, e.g. {path}/{kind}.pt')
-    save_checkpoint(path, {k: v for k, v in ckpt.items() if k not in ('optimizer', 'rng', 'raw')})
+    if path.endswith('.safetensors'):
+        write_atomic(path, lambda f: f.write(safetensors_bytes(ckpt, kind)))
+    else:
+        save_checkpoint(path, {k: v for k, v in ckpt.items()
+                               if k not in ('optimizer', 'rng', 'raw')})
     print(f'wrote {path}')
+
+
+def safetensors_bytes(ckpt, kind):
+    """The model's weights as a safetensors file: the size of the header (8 bytes, little-endian),
+    the header (JSON, padded with spaces to a multiple of 8 bytes) giving each tensor's dtype, shape
+    and data offsets, then the tensors' raw little-endian float32 data, in order. The header's
+    __metadata__ (strings only) holds the kind, format, config (as JSON) and vocabulary."""
+    meta = dict(kind=kind, format=str(ckpt.get('format', 1)), config=json.dumps(ckpt['config']),
+                vocab=ckpt['vocab'])
+    header, data, offset = {'__metadata__': meta}, [], 0
+    for name, tensor in ckpt['model'].items():
+        data.append(tensor.detach().float().cpu().contiguous().numpy().astype('<f4').tobytes())
+        header[name] = dict(dtype='F32', shape=list(tensor.shape),
+                            data_offsets=[offset, offset + len(data[-1])])
+        offset += len(data[-1])
+    text = json.dumps(header, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
+    text += b' ' * (-len(text) % 8)
+    return len(text).to_bytes(8, 'little') + text + b''.join(data)
 
 
 def model_config(config_class, vocab, args):
@@ -607,6 +638,8 @@ def parser(doc, defaults, shipped):
                                   f'else {shipped})')
     p.add_argument('--export', metavar='PATH',
                    help='save the checkpoint without its optimizer state, for shipping')
+    p.add_argument('--dtype', help='float32 or bfloat16, of the matrix products (default: '
+                                   'bfloat16 where the hardware computes in it, else float32)')
     p.add_argument('--num-samples', type=int, default=1)
     p.add_argument('--length', type=int, help='characters per sample (default: one context); '
                                               'longer texts are made window by window')
@@ -655,8 +688,12 @@ POSITIVE = ('num_samples', 'max_iters', 'batch_size', 'grad_accum', 'eval_interv
 
 def check_args(args):
     """One error line for any flag out of its range, before anything runs."""
+    global DTYPE
     flag = lambda name: '--' + name.replace('_', '-')  # noqa: E731
     check_device(args.device)
+    if args.dtype not in (None, 'float32', 'bfloat16'):
+        die(f'unknown --dtype {args.dtype!r}; use float32 or bfloat16')
+    DTYPE = args.dtype
     for name in POSITIVE + ('steps', 'eval_passes'):
         if getattr(args, name, 1) < 1:
             die(f'{flag(name)} must be at least 1')

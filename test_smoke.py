@@ -2998,3 +2998,453 @@ def test_page_server_stops_on_ctrl_c(page_server):
     err = page_server.proc.stderr.read()
     assert page_server.proc.returncode == 0 and err == '', err
     response.close()
+
+
+# -----------------------------------------------------------------------------
+# 10. diffusion.c and the safetensors export: the C program's forward pass and samples against
+# Python's, its flags and defaults, and files it cannot trust. Each test needing a C compiler is
+# skipped, saying so, where none is found. The program is built once, into a temporary folder.
+
+SAFETENSORS = REPO / 'weights' / 'diffusion.safetensors'
+SANITIZERS = dict(ASAN_OPTIONS='detect_leaks=0:exitcode=99', UBSAN_OPTIONS='exitcode=98')
+needs_cc = pytest.mark.skipif(visualize.c_compiler() is None, reason='no C compiler (cc, gcc or clang) found')
+
+
+def compile_c(out, *flags):
+    """(return code, stderr) of compiling diffusion.c into out with flags."""
+    cmd = [visualize.c_compiler(), '-std=c11', *flags, '-o', str(out), str(REPO / 'diffusion.c'), '-lm']
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return res.returncode, res.stderr
+
+
+@pytest.fixture(scope='module')
+def c_program(tmp_path_factory):
+    """diffusion.c built once: -O3 and this CPU's vectors where the compiler takes them, one thread."""
+    out = tmp_path_factory.mktemp('c') / 'diffusion'
+    for flags in (['-O3', '-march=native'], ['-O3']):
+        code, err = compile_c(out, *flags)
+        if code == 0:
+            return out
+    pytest.fail(err)
+
+
+@pytest.fixture(scope='module')
+def c_sanitized(tmp_path_factory):
+    """diffusion.c built with AddressSanitizer and UndefinedBehaviorSanitizer where the compiler
+    supports them (any finding ends the run with exit code 99 or 98), else without."""
+    out = tmp_path_factory.mktemp('c_asan') / 'diffusion'
+    if compile_c(out, '-O1', '-g', '-fsanitize=address,undefined', '-fno-sanitize-recover=all')[0]:
+        assert compile_c(out, '-O1')[0] == 0
+    return out
+
+
+def run_c(program, *args, sanitized=False, timeout=300):
+    env = dict(ENV, **SANITIZERS) if sanitized else ENV
+    return subprocess.run([str(program), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def c_error_line(res, code):
+    """The program failed as it should: exit code, one 'error: ' line on stderr, nothing on stdout."""
+    assert res.returncode == code, (res.returncode, res.stderr[-3000:])
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), res.stderr[-3000:]
+    assert res.stdout == ''
+    return lines[0]
+
+
+def read_safetensors(path):
+    """(header dict, data bytes) of a safetensors file."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], 'little')
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_safetensors(path, header, data, size=None):
+    """A safetensors file of header and data (size: a header size other than the header's)."""
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    Path(path).write_bytes((len(text) if size is None else size).to_bytes(8, 'little') + text + data)
+
+
+def random_model(seed=0, vocab='\nab cdéf.gß,', **config):
+    """A diffusion model of another shape than the shipped one, with weights large enough that its
+    outputs differ a lot from position to position, as a checkpoint dict."""
+    torch.manual_seed(seed)
+    config = dict(dict(vocab_size=len(vocab), n_layer=2, n_head=3, n_embd=36, block_size=40, dropout=0.0,
+                       graph='absorb'), **config)
+    model = diffusion.Transformer(diffusion.Config(**config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if 'ln' in name else 0.4 * torch.randn_like(p))
+    return dict(kind='diffusion', config=config, vocab=vocab, model=model.state_dict(), format=plumbing.FORMAT,
+                step=0, summary=dict(tokens=0, seconds=0.0))
+
+
+@pytest.fixture(scope='module')
+def small_export(tmp_path_factory):
+    """A small random model exported to a safetensors file, and its checkpoint dict."""
+    ckpt = random_model(vocab='\nabcdefghij', n_layer=1, n_head=2, n_embd=16, block_size=16)
+    path = tmp_path_factory.mktemp('small') / 'small.safetensors'
+    plumbing.export(str(path), ckpt, 'diffusion')
+    return path, ckpt
+
+
+@pytest.mark.parametrize('module', [gpt, diffusion], ids=['gpt', 'diffusion'])
+def test_safetensors_export_loads_with_the_official_package(module, tmp_path, monkeypatch, capsys):
+    """--export PATH.safetensors writes every weight of the checkpoint's model (diffusion.py's: the running average)
+    in float32, as the safetensors package reads it, with the kind, format, config and vocabulary in its metadata,
+    and a header padded with spaces to a multiple of 8 bytes."""
+    safetensors = pytest.importorskip('safetensors', reason='the safetensors package is not installed')
+    from safetensors.torch import load_file
+    path = tmp_path / 'model.safetensors'
+    monkeypatch.chdir(REPO)
+    code, out, err = call_main(module, ['--ckpt', module.SHIPPED, '--export', path], monkeypatch, capsys)
+    assert code == 0 and out == f'wrote {path}\n', err
+    ckpt = torch.load(module.SHIPPED, weights_only=True)
+    tensors = load_file(str(path))
+    assert sorted(tensors) == sorted(ckpt['model']) and all(t.dtype == torch.float32 for t in tensors.values())
+    for name, weight in ckpt['model'].items():
+        assert torch.equal(tensors[name], weight.float()), name
+    with safetensors.safe_open(str(path), 'pt') as f:
+        meta = f.metadata()
+    assert meta['kind'] == module.KIND and meta['format'] == str(ckpt.get('format', 1)) and meta['vocab'] == ckpt['vocab']
+    assert json.loads(meta['config']) == ckpt['config']
+    n = int.from_bytes(path.read_bytes()[:8], 'little')
+    assert n % 8 == 0 and path.stat().st_size == 8 + n + 4 * sum(w.numel() for w in ckpt['model'].values())
+
+
+def test_shipped_safetensors_is_the_export_of_the_shipped_checkpoint():
+    """weights/diffusion.safetensors is, byte for byte, what --export writes from weights/diffusion.pt: the two
+    files hold the same weights, config and vocabulary."""
+    ckpt = torch.load(REPO / diffusion.SHIPPED, weights_only=True)
+    assert plumbing.safetensors_bytes(ckpt, 'diffusion') == SAFETENSORS.read_bytes()
+
+
+@needs_cc
+@pytest.mark.parametrize('flags', [[], ['-fopenmp']], ids=['plain', 'openmp'])
+def test_c_builds_without_warnings(flags, tmp_path):
+    """diffusion.c is C11 that the compiler takes without a warning under -Wall -Wextra -pedantic, with OpenMP or
+    without (the README's build line), in at most 500 lines of at most 100 characters."""
+    if flags and compile_c(tmp_path / 'probe', '-fopenmp')[0]:
+        pytest.skip('this compiler has no OpenMP')
+    assert compile_c(tmp_path / 'diffusion', '-O1', '-Wall', '-Wextra', '-pedantic', *flags) == (0, '')
+    lines = (REPO / 'diffusion.c').read_text().splitlines()
+    assert len(lines) <= 500 and max(map(len, lines)) <= 100
+
+
+def c_logprobs(program, path, text):
+    res = run_c(program, path, '--logprobs', text)
+    assert res.returncode == 0, res.stderr
+    return torch.tensor([[float(v) for v in line.split()] for line in res.stdout.splitlines()])
+
+
+@needs_cc
+@pytest.mark.parametrize('case', ['shipped', 'random-other-shape'])
+def test_c_forward_equals_transformer_forward(case, c_program, tmp_path):
+    """./diffusion --logprobs TEXT prints log p(x_0 = y | x_t) of characters 1..T-1 after the start token, '_' the
+    mask: Transformer.forward's output plus log(e^sigma_bar - 1), within 1e-4, on the shipped weights (a whole
+    context) and on a random model of another shape (3 heads of 12 channels, 2 layers, a vocabulary with
+    characters beyond ASCII)."""
+    if case == 'shipped':
+        model, ckpt = diffusion.load_checkpoint(str(REPO / diffusion.SHIPPED))
+        path, length = SAFETENSORS, 255
+    else:
+        ckpt = random_model()
+        model = diffusion.Transformer(diffusion.Config(**ckpt['config']))
+        model.load_state_dict(ckpt['model'])
+        path, length = tmp_path / 'random.safetensors', 39
+        plumbing.export(str(path), ckpt, 'diffusion')
+    vocab, rng = ckpt['vocab'], random.Random(0)
+    text = ''.join('_' if rng.random() < 0.4 else rng.choice(vocab) for _ in range(length))
+    ids = torch.tensor([[0] + [len(vocab) if c == '_' else vocab.index(c) for c in text]])
+    with torch.no_grad():
+        expected = model.eval()(ids, torch.tensor([0.7]))[0] + math.log(math.expm1(0.7))
+    got = c_logprobs(c_program, path, text)
+    assert got.shape == expected.shape == (length, len(vocab))
+    assert (got - expected).abs().max() < 1e-4
+    assert expected.std(0).mean() > 0.5  # outputs that differ from position to position: the check bites
+
+
+@needs_cc
+def test_c_samples_the_model_you_train_and_export(c_program, trained, tmp_path, monkeypatch, capsys):
+    """python diffusion.py --export x.safetensors, then ./diffusion x.safetensors: by default one context of the
+    trained model's characters after the start token (31 here), and the timing line of diffusion.py."""
+    workdir, _ = trained
+    monkeypatch.chdir(workdir)
+    path = tmp_path / 'x.safetensors'
+    assert call_main(diffusion, ['--export', path], monkeypatch, capsys)[0] == 0
+    res = run_c(c_program, path, '--steps', 8)
+    assert res.returncode == 0, res.stderr
+    vocab = json.loads((workdir / 'data' / 'meta.json').read_text())['vocab']
+    assert len(res.stdout) == 32 and res.stdout.endswith('\n') and set(res.stdout) <= set(vocab)
+    assert re.fullmatch(r'1 x 31 characters in [0-9.]+ s, [0-9]+ forward passes, about [0-9.e+]+ GFLOPs\n',
+                        res.stderr), res.stderr
+
+
+@needs_cc
+def test_c_defaults_are_python_defaults(c_program, capsys):
+    """./diffusion --help states the defaults of python diffusion.py (its `defaults`, else its parser's): steps,
+    temperature, seed and, where diffusion.py has them, the order and its noise; without --length both write one
+    context after the start token."""
+    res = run_c(c_program, '--help')
+    assert res.returncode == 0
+    c = dict(re.findall(r'--([a-z-]+) [^(]*\(default: ([^)]+)\)', res.stdout))
+    python = plumbing.parser(diffusion.__doc__, diffusion.defaults, diffusion.SHIPPED).parse_args([])
+    compared = 0
+    for flag, value in c.items():
+        name = flag.replace('-', '_')
+        default = diffusion.defaults.get(name, getattr(python, name, None))
+        if default is not None:
+            assert (float(value) == default if isinstance(default, (int, float)) else value == default), flag
+            compared += 1
+    assert compared >= 4 and {'steps', 'temperature', 'seed', 'num-samples'} <= set(c)
+    python_length, _ = plumbing.given(python, torch.load(diffusion.SHIPPED, weights_only=True)['vocab'], 256)
+    res = run_c(c_program, '--steps', 1)
+    assert len(res.stdout) - 1 == python_length == 255 and '1 x 255 characters' in res.stderr
+
+
+@needs_cc
+@pytest.mark.parametrize('order', ['random', diffusion.defaults['order']])
+def test_c_samples_score_like_python_samples(order, c_program):
+    """32 samples of 24 characters at 8 steps from ./diffusion and from diffusion.generate, in the Tweedie sampler's
+    random order and in the default one, scored by the shipped GPT: their mean generative bits/char within two
+    standard errors (of the difference) of each other. Random characters score many standard errors worse, so the
+    check can fail."""
+    length, steps, n, noise = 24, 8, 32, diffusion.defaults['confidence_noise']
+    res = run_c(c_program, '--num-samples', n, '--length', length, '--steps', steps, '--seed', 3, '--order', order,
+                '--confidence-noise', noise)
+    assert res.returncode == 0, res.stderr
+    texts = samples_of(res.stdout, n)
+    judge, ckpt = gpt.load_checkpoint(str(REPO / gpt.SHIPPED))
+    model, _ = diffusion.load_checkpoint(str(REPO / diffusion.SHIPPED))
+    vocab = ckpt['vocab']
+    assert len(texts) == n and all(len(t) == length for t in texts) and len(set(texts)) == n
+    c = torch.tensor([[vocab.index(ch) for ch in t] for t in texts])
+    torch.manual_seed(3)
+    python = diffusion.generate(model.eval(), n, length, steps, order=order, confidence_noise=noise)
+    noise = torch.randint(len(vocab), (n, length), generator=torch.Generator().manual_seed(3))
+    bits = {name: visualize.generative_bits(judge.eval(), x) for name, x in
+            (('c', c), ('python', python), ('noise', noise))}
+    mean = {name: float(b.mean()) for name, b in bits.items()}
+    se = {name: float(b.std() / math.sqrt(n)) for name, b in bits.items()}
+    assert abs(mean['c'] - mean['python']) < 2 * math.hypot(se['c'], se['python']), (mean, se)
+    assert mean['noise'] - mean['c'] > 6 * math.hypot(se['c'], se['noise']), (mean, se)
+
+
+@needs_cc
+@pytest.mark.parametrize('order', ['random', 'confidence', 'left-to-right'])
+def test_c_infill_keeps_every_given_character(order, c_program):
+    """--infill keeps every character outside the holes and fills every hole with a character of the model, in
+    every --order; samples are separated as diffusion.py separates them."""
+    template = 'ROMEO:____________JULIET:'
+    res = run_c(c_program, '--infill', template, '--num-samples', 3, '--steps', 16, '--order', order)
+    assert res.returncode == 0, res.stderr
+    vocab = torch.load(diffusion.SHIPPED, weights_only=True)['vocab']
+    texts = samples_of(res.stdout, 3)
+    assert '3 x 25 characters' in res.stderr
+    for text in texts:
+        assert len(text) == len(template) and set(text) <= set(vocab)
+        assert all(c == t for c, t in zip(text, template) if t != '_')
+
+
+@needs_cc
+@pytest.mark.parametrize('order', ['confidence', 'left-to-right'])
+def test_c_orders_unmask_on_schedule(order, c_program):
+    """With --order confidence or left-to-right and as many steps as free positions, round(F ts[s + 1] / ts[0])
+    masks stay after step s: every step unmasks exactly one, so every step but the last changes the text and
+    the network runs at each: steps + 1 passes. The random order at 4 times as many steps skips many."""
+    res = run_c(c_program, '--length', 20, '--steps', 20, '--order', order)
+    assert ', 21 forward passes' in res.stderr, res.stderr
+    res = run_c(c_program, '--length', 20, '--steps', 80)
+    passes = int(re.search(r'([0-9]+) forward passes', res.stderr)[1])
+    assert passes <= 21 < 81
+
+
+BAD_C_FLAGS = [['--bogus', '1'], ['--steps', '0'], ['--steps', 'abc'], ['--steps', '1.5'], ['--steps'],
+               ['--length', '256'], ['--length', '0'], ['--num-samples', '0'], ['--temperature', 'nan'],
+               ['--temperature', '0'], ['--seed', '-1'], ['--confidence-noise', '-1'], ['--order', 'sideways'],
+               ['--infill', 'no holes'], ['--infill', 'Zoë __'], ['--infill', '_' * 256], ['--infill', 'a_', '--length', '5'],
+               [str(SAFETENSORS), str(SAFETENSORS)]]
+
+
+@needs_cc
+@pytest.mark.parametrize('argv', BAD_C_FLAGS, ids=lambda argv: ' '.join(argv)[:30])
+def test_c_bad_flags_give_one_line(argv, c_program):
+    """A bad flag or value is one 'error:' line and exit code 2, as in python diffusion.py, naming what is wrong."""
+    line = c_error_line(run_c(c_program, *argv), 2)
+    assert argv[0] in line or 'give one file' in line, line
+
+
+def damaged(case, path, small):
+    """Write at path the small export damaged as case says; the expected words of the error."""
+    src, ckpt = small
+    raw = Path(src).read_bytes()
+    header, data = read_safetensors(src)
+    meta, config = header['__metadata__'], json.loads(header['__metadata__']['config'])
+    if case == 'empty':
+        path.write_bytes(b'')
+    elif case == 'truncated-size':
+        path.write_bytes(raw[:5])
+    elif case == 'truncated-data':
+        path.write_bytes(raw[:-7])
+    elif case == 'header-size-beyond-file':
+        path.write_bytes((len(raw) - 7).to_bytes(8, 'little') + raw[8:])
+    elif case == 'malformed-json':
+        path.write_bytes(raw.replace(b'"shape":', b'"shape"', 1))
+    elif case == 'header-not-an-object':
+        write_safetensors(path, [header], data)
+    elif case == 'deeply-nested':
+        text = b'{"a":' + b'[' * 100000 + b']' * 100000 + b'}'
+        path.write_bytes(len(text).to_bytes(8, 'little') + text)
+    elif case == 'nul-in-header':
+        n = int.from_bytes(raw[:8], 'little')
+        path.write_bytes(raw[:8 + n - 1] + b'\0' + raw[8 + n:])
+    else:
+        if case == 'tensor-missing':
+            del header['ln_f.weight']
+        elif case == 'wrong-dtype':
+            header['head.weight']['dtype'] = 'F16'
+        elif case == 'wrong-shape':
+            header['head.weight']['shape'] = header['head.weight']['shape'][::-1]
+        elif case == 'offsets-outside':
+            header['head.weight']['data_offsets'][1] += 4
+        elif case == 'offsets-negative':
+            header['wte.weight']['data_offsets'][0] = -4
+        elif case == 'no-metadata':
+            del header['__metadata__']
+        elif case == 'kind-gpt':
+            meta['kind'] = 'gpt'
+        elif case == 'format-1':
+            meta['format'] = '1'
+        elif case == 'graph-uniform':
+            config['graph'] = 'uniform'
+        elif case == 'config-not-json':
+            meta['config'] = '{"n_layer": 1,'
+        elif case.startswith('config-'):
+            key, value = case[len('config-'):].split('=')
+            config[key] = json.loads(value)
+        elif case == 'vocab-short':
+            meta['vocab'] = meta['vocab'][:-1]
+        elif case == 'vocab-long':
+            meta['vocab'] += 'z'
+        meta['config'] = meta['config'] if case == 'config-not-json' else json.dumps(config)
+        write_safetensors(path, header, data)
+
+
+BAD_FILES = ['missing', 'folder', 'empty', 'truncated-size', 'truncated-data', 'header-size-beyond-file', 'malformed-json',
+             'header-not-an-object', 'deeply-nested', 'nul-in-header', 'tensor-missing', 'wrong-dtype', 'wrong-shape',
+             'offsets-outside', 'offsets-negative', 'no-metadata', 'kind-gpt', 'format-1', 'graph-uniform',
+             'config-not-json', 'config-n_layer=0', 'config-n_head=0', 'config-n_embd=18', 'config-vocab_size=70000',
+             'config-block_size=1', 'config-n_embd=1e9', 'config-n_layer=-1', 'config-n_layer="1"', 'vocab-short',
+             'vocab-long']
+
+
+@needs_cc
+@pytest.mark.parametrize('case', BAD_FILES)
+def test_c_bad_file_gives_one_line(case, c_sanitized, small_export, tmp_path):
+    """A file that cannot be trusted is one 'error:' line naming it and exit code 1, never a crash: with the
+    sanitizers, never a finding either."""
+    path = tmp_path / 'bad.safetensors'
+    if case == 'folder':
+        path.mkdir()
+    elif case != 'missing':
+        damaged(case, path, small_export)
+    line = c_error_line(run_c(c_sanitized, path, '--steps', 2, sanitized=True), 1)
+    assert str(path) in line, line
+
+
+@needs_cc
+def test_c_fuzzed_files_never_crash(c_sanitized, small_export, tmp_path):
+    """300 corrupted copies of a small export: truncated at random points, random bytes of the header and its size
+    changed, and tensors' offsets and shapes changed. Each run either samples (a change the file cannot show, such
+    as another character) or ends with one 'error:' line and exit code 1; never a signal, never a sanitizer
+    finding. Every changed offset or shape is refused."""
+    src, _ = small_export
+    raw = Path(src).read_bytes()
+    header, data = read_safetensors(src)
+    n, rng = int.from_bytes(raw[:8], 'little'), random.Random(0)
+    cases = []
+    for k in range(100):
+        cases.append(('truncated', raw[:rng.randrange(len(raw))]))
+    for k in range(120):
+        damaged_raw = bytearray(raw)
+        for _ in range(rng.randint(1, 4)):
+            damaged_raw[rng.randrange(8 + n)] = rng.randrange(256)
+        cases.append(('flipped', bytes(damaged_raw)))
+    names = [k for k in header if k != '__metadata__']
+    for k in range(80):
+        h = json.loads(json.dumps(header))
+        t = h[rng.choice(names)]
+        shape, offsets = t['shape'], t['data_offsets']
+        change = rng.choice(['shape-dim', 'shape-rank', 'shape-swap', 'offset-shift', 'offset-end', 'offset-big',
+                             'offset-swap', 'offset-type'])
+        if change == 'shape-dim':
+            shape[rng.randrange(len(shape))] += rng.choice([-1, 1, 1000, 2 ** 40])
+        elif change == 'shape-rank':
+            t['shape'] = shape + [1] if rng.random() < 0.5 else shape[1:]
+        elif change == 'shape-swap':
+            t['shape'] = [shape[-1] + 1] + shape[:-1]
+        elif change == 'offset-shift':
+            offsets[1] += rng.choice([-4, 4, 1])
+        elif change == 'offset-end':
+            t['data_offsets'] = [len(data), len(data) + offsets[1] - offsets[0]]
+        elif change == 'offset-big':
+            t['data_offsets'] = [offsets[0], offsets[0] + 2 ** 62]
+        elif change == 'offset-swap':
+            t['data_offsets'] = offsets[::-1] if offsets[0] != offsets[1] else [1, 0]
+        else:
+            t['data_offsets'] = [str(offsets[0]), offsets[1]]
+        text = json.dumps(h).encode()
+        text += b' ' * (-len(text) % 8)
+        cases.append(('structured', len(text).to_bytes(8, 'little') + text + data))
+    assert len(cases) >= 200
+    path, refused = tmp_path / 'fuzzed.safetensors', 0
+    for kind, content in cases:
+        path.write_bytes(content)
+        res = run_c(c_sanitized, path, '--steps', 2, '--length', 4, sanitized=True)
+        assert res.returncode in (0, 1), (kind, res.returncode, res.stderr[-3000:])
+        if res.returncode == 1:
+            c_error_line(res, 1)
+            refused += 1
+        else:
+            assert kind != 'structured' and len(res.stdout) >= 5 and 'forward passes' in res.stderr, (kind, res)
+    assert refused > 0.8 * len(cases)
+
+
+@needs_cc
+def test_benchmark_c_compares_the_two_programs(monkeypatch, capsys):
+    """visualize.py --benchmark-c builds diffusion.c, runs it and python diffusion.py on the same weights, and
+    prints for each the whole-process and sampling seconds, passes and GFLOP/s, and their ratio."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    args = visualize.parse_args(['--benchmark-c', '--steps', '4', '--length', '64', '--diffusion-ckpt',
+                                 str(REPO / diffusion.SHIPPED)])
+    capsys.readouterr()
+    visualize.benchmark_c(args, runs=1)
+    out = capsys.readouterr().out
+    rows = re.findall(r'^\| `(\./diffusion|python diffusion\.py)[^|]*\| ([0-9.]+) \| ([0-9.]+) \| ([0-9]+) \| ([0-9.]+) \|$',
+                      out, re.M)
+    assert [r[0] for r in rows] == ['./diffusion', 'python diffusion.py'], out
+    for _, whole, seconds, passes, rate in rows:
+        assert float(whole) >= float(seconds) and 1 <= int(passes) <= 5 and float(rate) > 0
+    assert re.search(r'C reaches [0-9.]+ of the GFLOP/s of PyTorch', out)
+
+
+def test_dtype_flag_chooses_the_precision(monkeypatch, capsys):
+    """--dtype float32 or bfloat16 (both scripts) overrides the choice of precision(): float32 even where bfloat16 is
+    native, bfloat16 even where it would be emulated; without it precision() chooses as before. Another value is
+    one line."""
+    monkeypatch.setattr(plumbing, 'DTYPE', None)
+    a = torch.randn(8, 8)
+    for native in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: native)
+        for module in (gpt, diffusion):
+            for dtype, expected in (('float32', torch.float32), ('bfloat16', torch.bfloat16),
+                                    (None, torch.bfloat16 if native else torch.float32)):
+                module.parse_args(['--dtype', dtype] if dtype else [])
+                assert plumbing.precision('cpu') == expected
+                with plumbing.autocast('cpu'):
+                    assert (a @ a).dtype == expected
+    with pytest.raises(SystemExit) as e:
+        diffusion.parse_args(['--dtype', 'float16'])
+    one_error_line(e.value.code, capsys.readouterr().err, '--dtype', 'float32 or bfloat16')

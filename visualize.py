@@ -8,6 +8,7 @@ Watch the models write: in the terminal, or as an animated SVG file for a web pa
     python visualize.py --svg FILE          any view above, written to FILE as a looping animation
     python visualize.py --benchmark         sample quality against speed, both models
     python visualize.py --serve             the page visualize.html: both models live in a browser
+    python visualize.py --benchmark-c       ./diffusion (diffusion.c) against python diffusion.py
 
 Each sampler runs once while every step it takes is recorded with the real time it took; the
 recording is then played back at that speed, plus --delay per frame so that fast machines can be
@@ -26,10 +27,14 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
+import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -582,6 +587,83 @@ def serve(args):
         print(f'warning: --host {args.host} opens the page to that network: whoever reaches this '
               'machine there can run the models', flush=True)
     server.serve_forever()
+# diffusion.c against diffusion.py
+
+TIMING = re.compile(r'in ([0-9.]+) s, ([0-9]+) forward passes, about ([0-9.e+]+) GFLOPs')
+
+def c_compiler():
+    """The C compiler here: $CC, else cc, gcc or clang; None if there is none."""
+    names = [os.environ.get('CC'), 'cc', 'gcc', 'clang']
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+def build_c(folder, flags=('-O3', '-march=native', '-fopenmp')):
+    """diffusion.c compiled into folder with as many of flags as this compiler takes (the README's
+    `cc -O3` at least): (the program, its build line)."""
+    cc = c_compiler()
+    if cc is None:
+        die('--benchmark-c needs a C compiler (cc, gcc or clang) and none was found')
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'diffusion.c')
+    program = os.path.join(folder, 'diffusion')
+    for extra in (flags, flags[:2], flags[:1]):
+        cmd = [cc, *extra, '-o', program, source, '-lm']
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode == 0:
+            return program, ' '.join([os.path.basename(cc), *extra, '-o diffusion diffusion.c -lm'])
+    die(f'diffusion.c does not compile here: {(res.stderr.strip() or "?").splitlines()[0]}')
+
+def cpu_name():
+    """The CPU's model, where Linux names it (/proc/cpuinfo), else what the platform says."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f
+                        if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+def benchmark_c(args, runs=5):
+    """./diffusion and python diffusion.py on this CPU, one sample at --steps, the same weights
+    and seed, both in float32: medians of `runs` runs each (taken in turns, so that other work on
+    the machine weighs on both alike) of the seconds of the whole process, and of the sampling
+    alone with the GFLOP/s it reached, as each program's timing line gives them."""
+    path = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
+    model, ckpt = diffusion.load_checkpoint(path)
+    length = args.length or model.config.block_size - 1
+    common = ['--length', length, '--steps', args.steps, '--seed', args.seed,
+              '--temperature', args.temperature or diffusion.defaults['temperature'],
+              '--order', args.order or ORDER, '--confidence-noise', args.confidence_noise]
+    with tempfile.TemporaryDirectory() as folder:
+        weights = os.path.join(folder, 'diffusion.safetensors')  # the same weights as path
+        with open(weights, 'wb') as f:
+            f.write(plumbing.safetensors_bytes(ckpt, 'diffusion'))
+        program, build = build_c(folder)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'diffusion.py')
+        commands = {f'`./diffusion` (`{build}`)': [program, weights, *common],
+                    '`python diffusion.py --dtype float32`':
+                        [sys.executable, script, '--ckpt', path, '--dtype', 'float32',
+                         '--device', 'cpu', *common]}
+        figures = {name: [] for name in commands}
+        for _ in range(runs):
+            for name, cmd in commands.items():
+                t0 = time.perf_counter()
+                res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+                whole = time.perf_counter() - t0
+                timing = TIMING.search(res.stderr)
+                if res.returncode or not timing:
+                    die(f'{name} failed: {(res.stderr.strip() or "?").splitlines()[-1]}')
+                seconds, passes, gflops = float(timing[1]), int(timing[2]), float(timing[3])
+                rate = gflops / seconds if seconds else math.nan  # a run too short to time
+                figures[name].append((whole, seconds, passes, rate))
+    print(f'1 x {length} characters at {args.steps} steps, seed {args.seed}, float32, on '
+          f'{cpu_name()} ({os.cpu_count()} cores); medians of {runs} runs each')
+    print('| program | whole process, s | sampling, s | forward passes | GFLOP/s |')
+    print('|---|---|---|---|---|')
+    medians = {}
+    for name, rows in figures.items():
+        medians[name] = [statistics.median(column) for column in zip(*rows)]
+        whole, seconds, passes, rate = medians[name]
+        print(f'| {name} | {whole:.2f} | {seconds:.2f} | {passes:.0f} | {rate:.1f} |')
+    c, torch_rate = (m[3] for m in medians.values())
+    print(f'C reaches {c / torch_rate:.2f} of the GFLOP/s of PyTorch')
 
 # -----------------------------------------------------------------------------
 # command line
@@ -593,6 +675,8 @@ def parse_args(argv=None):
                    help='the GPT and the diffusion model side by side')
     p.add_argument('--benchmark', action='store_true',
                    help='print a table of sampling time and sample quality (needs both models)')
+    p.add_argument('--benchmark-c', action='store_true',
+                   help='time ./diffusion (diffusion.c, built here) against python diffusion.py')
     p.add_argument('--steps', type=int,
                    help='denoising steps of the diffusion model (default: 128); with --benchmark, '
                         'only this many instead of the whole range')
@@ -661,6 +745,10 @@ def parse_args(argv=None):
         die(f'--confidence-noise {args.confidence_noise}: give a number in [0, inf)')
     if args.length is not None and args.length < 1:
         die('--length must be at least 1')
+    if args.benchmark_c and (args.benchmark or args.compare or args.svg is not None
+                             or args.infill is not None or args.prompt is not None):
+        die('--benchmark-c times the sampling of 1 text; leave out --benchmark, --compare, --svg, '
+            '--infill and --prompt')
     if args.infill is not None and (args.compare or args.benchmark):
         die('--infill shows the diffusion model alone; leave out --compare and --benchmark')
     sampling = [args.prompt, args.temperature, args.order]
@@ -742,6 +830,8 @@ def main():
         return benchmark(args)
     if args.serve:  # Ctrl-C stays plumbing's: the process ends at once, mid-generation or not
         return serve(args)
+    if args.benchmark_c:
+        return benchmark_c(args)
     animate = sys.stdout.isatty() and not args.svg  # --svg draws into its file instead
     # Ctrl-C raises KeyboardInterrupt again, caught below
     signal.signal(signal.SIGINT, signal.default_int_handler)
