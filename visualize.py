@@ -383,8 +383,8 @@ def distinct_4grams(texts):
     return len(set(grams)) / max(1, len(grams))
 
 def benchmark(args, num_samples=32):
-    judge, vocab = load(gpt, args.gpt_ckpt or gpt.default_checkpoint(gpt.defaults['out']), args)
-    diffusion_ckpt = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
+    gpt_ckpt, diffusion_ckpt = checkpoints(args)
+    judge, vocab = load(gpt, gpt_ckpt, args)
     model, diffusion_vocab = load(diffusion, diffusion_ckpt, args)
     if vocab != diffusion_vocab:
         die('the GPT and the diffusion model were trained on different vocabularies; '
@@ -403,7 +403,7 @@ def benchmark(args, num_samples=32):
         return (name + note, model, lambda n: diffusion.generate(
             model, n, length, steps, t, args.device, order=order, confidence_noise=noise))
     # the exact model: random order, temperature 1
-    t, order, noise = (diffusion.defaults[k] for k in ('temperature', 'order', 'confidence_noise'))
+    t, order, noise = diffusion.defaults['temperature'], ORDER, NOISE
     samplers += [diffusion_row(s, 1, note=' (the exact model)') for s in args.benchmark_steps]
     steps = args.steps
     if model.config.graph == 'absorb':  # each order at the defaults, then confidence noise
@@ -587,6 +587,8 @@ def serve(args):
         print(f'warning: --host {args.host} opens the page to that network: whoever reaches this '
               'machine there can run the models', flush=True)
     server.serve_forever()
+
+# -----------------------------------------------------------------------------
 # diffusion.c against diffusion.py
 
 TIMING = re.compile(r'in ([0-9.]+) s, ([0-9]+) forward passes, about ([0-9.e+]+) GFLOPs')
@@ -625,7 +627,7 @@ def benchmark_c(args, runs=5):
     and seed, both in float32: medians of `runs` runs each (taken in turns, so that other work on
     the machine weighs on both alike) of the seconds of the whole process, and of the sampling
     alone with the GFLOP/s it reached, as each program's timing line gives them."""
-    path = args.diffusion_ckpt or diffusion.default_checkpoint(diffusion.defaults['out'])
+    path = checkpoints(args)[1]
     model, ckpt = diffusion.load_checkpoint(path)
     length = args.length or model.config.block_size - 1
     common = ['--length', length, '--steps', args.steps, '--seed', args.seed,
